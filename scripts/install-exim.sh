@@ -11,7 +11,8 @@ if ! id Debian-exim >/dev/null 2>&1; then
     adduser --system --group --allow-bad-names --home /var/spool/exim4 --no-create-home --quiet Debian-exim
 fi
 
-if [ -x "$PREFIX/usr/sbin/exim4" ] && "$PREFIX/usr/sbin/exim4" -bV 2>/dev/null | grep -q "^Exim version"; then
+version=$("$PREFIX/usr/sbin/exim4" -bV 2>/dev/null || true)
+if [[ "$version" == "Exim version"* ]]; then
     echo "install-exim: $PREFIX/usr/sbin/exim4 already works"
 else
     if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial || true)" ]; then
@@ -24,7 +25,8 @@ else
         libcrypt1 adduser
     d=$(mktemp -d)
     chmod 755 "$d"
-    (cd "$d" && apt-get download exim4-daemon-heavy)
+    (cd "$d" && apt-get download exim4-daemon-heavy 2>&1 | grep -v "unsandboxed" || true)
+    ls "$d"/exim4-daemon-heavy_*.deb >/dev/null
     mkdir -p "$PREFIX"
     dpkg-deb -x "$d"/exim4-daemon-heavy_*.deb "$PREFIX"
     rm -rf "$d"
