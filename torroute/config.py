@@ -1,0 +1,236 @@
+"""Configuration: one TOML file plus command-line flags (flags win).
+
+Defaults follow Debian's tor package: SocksPort 9050, ControlSocket /run/tor/control.  Debian's
+torrc has no DNSPort; torroute expects ``DNSPort 127.0.0.1:9053`` (``torroute torrc`` prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/torroute/torroute.toml")
+HostPort = tuple[str, int]
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> HostPort:
+    """``HOST:PORT``, ``[V6]:PORT`` or (with a default port) ``HOST``."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if text.startswith("[") and "]" in text:
+        close = text.index("]")
+        host, rest = text[1:close], text[close + 1 :]
+        if rest.startswith(":"):
+            port, sep = rest[1:], ":"
+        else:
+            port, sep = "", ""
+    elif not sep or ":" in host:  # no port, or a bare IPv6 address
+        host, port = text, ""
+    if not port:
+        if default_port is None:
+            raise ConfigError(f"{text!r}: expected HOST:PORT")
+        return host, default_port
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{text!r}: port {port!r} is not a number") from None
+    if not (0 < number < 65536) or not host:
+        raise ConfigError(f"{text!r}: expected HOST:PORT with a port in 1..65535")
+    return host, number
+
+
+def format_hostport(hp: HostPort) -> str:
+    host, port = hp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Config:
+    """Everything the routing core and the tor clients need; other modules read their own tables
+    through :meth:`section`."""
+
+    maps: list[Path] = field(default_factory=list)
+    #: None = the system resolver (/etc/resolv.conf); tests always pass loopback nameservers.
+    nameservers: list[HostPort] | None = None
+    local_domains: list[str] = field(default_factory=list)
+    ignore_domains: list[str] = field(default_factory=list)
+    require_dnssec: bool = False
+    dns_timeout: float = 5.0
+    srv_service: str = "_onion-mx._tcp"
+    cache_size: int = 10_000
+    negative_ttl: int = 300  # when a negative answer carries no SOA
+    max_ttl: int = 86_400
+    default_port: int = 25
+    tor_socks: HostPort = ("127.0.0.1", 9050)
+    tor_dns: HostPort = ("127.0.0.1", 9053)
+    tor_control: str = "unix:/run/tor/control"
+    tor_control_password: str | None = None
+    virtual_network: str = "127.192.0.0/10"  # tor's VirtualAddrNetworkIPv4
+    socks_timeout: float = 120.0
+    isolate_streams: bool = False
+    path: Path | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The raw TOML table ``[name]`` (empty if absent), for modules with their own settings."""
+        value = self.raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.path}: [{name}] must be a table")
+        return value
+
+
+# TOML table.key -> Config attribute
+_TOML_KEYS: dict[tuple[str, str], str] = {
+    ("routing", "maps"): "maps",
+    ("routing", "nameservers"): "nameservers",
+    ("routing", "local_domains"): "local_domains",
+    ("routing", "ignore_domains"): "ignore_domains",
+    ("routing", "require_dnssec"): "require_dnssec",
+    ("routing", "dns_timeout"): "dns_timeout",
+    ("routing", "srv_service"): "srv_service",
+    ("routing", "cache_size"): "cache_size",
+    ("routing", "negative_ttl"): "negative_ttl",
+    ("routing", "max_ttl"): "max_ttl",
+    ("routing", "default_port"): "default_port",
+    ("tor", "socks"): "tor_socks",
+    ("tor", "dns"): "tor_dns",
+    ("tor", "control"): "tor_control",
+    ("tor", "control_password"): "tor_control_password",
+    ("tor", "virtual_network"): "virtual_network",
+    ("tor", "socks_timeout"): "socks_timeout",
+    ("tor", "isolate_streams"): "isolate_streams",
+}
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    try:
+        if name == "maps":
+            return [Path(v) for v in _as_list(value)]
+        if name == "nameservers":
+            return [parse_hostport(str(v), 53) for v in _as_list(value)]
+        if name in ("local_domains", "ignore_domains"):
+            return [normalize_domain(str(v)) for v in _as_list(value)]
+        if name in ("tor_socks", "tor_dns"):
+            return parse_hostport(str(value))
+        if name in ("require_dnssec", "isolate_streams"):
+            if not isinstance(value, bool):
+                raise ConfigError("expected true or false")
+            return value
+        if name in ("dns_timeout", "socks_timeout"):
+            number = float(value)
+            if number <= 0:
+                raise ConfigError("must be positive")
+            return number
+        if name in ("cache_size", "negative_ttl", "max_ttl", "default_port"):
+            number = int(value)
+            if number < 0 or (name == "default_port" and not 0 < number < 65536):
+                raise ConfigError("out of range")
+            return number
+        return str(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def normalize_domain(domain: str) -> str:
+    """Lowercase ASCII (IDNA A-label) form without a trailing dot; raises ValueError."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain:
+        raise ValueError("empty domain")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"{domain!r} is not a valid internationalized domain: {exc}") from None
+    if len(domain) > 253:
+        raise ValueError("domain longer than 253 characters")
+    for label in domain.split("."):
+        if not label or len(label) > 63:
+            raise ValueError(f"{domain!r}: empty or over-long label")
+        if label.startswith("-") or label.endswith("-"):
+            raise ValueError(f"{domain!r}: a label starts or ends with '-'")
+        if not all(c.isalnum() or c in "-_" for c in label):
+            raise ValueError(f"{domain!r}: invalid character in a label")
+    return domain
+
+
+def load_config(path: Path | str | None = None, args: argparse.Namespace | None = None) -> Config:
+    """Read the TOML file (the default path may be absent) and apply command-line overrides."""
+    explicit = path is not None
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    config = Config()
+    data: dict[str, Any] = {}
+    if explicit or cfg_path.exists():
+        try:
+            with open(cfg_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {cfg_path} does not exist") from None
+        except PermissionError:
+            raise ConfigError(f"config file {cfg_path}: permission denied") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path}: {exc}") from None
+        config.path = cfg_path
+    config.raw = data
+    known_tables = {table for table, _ in _TOML_KEYS}
+    for table in known_tables:
+        section = data.get(table, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{cfg_path}: [{table}] must be a table")
+        for key, value in section.items():
+            attr = _TOML_KEYS.get((table, key))
+            if attr is None:
+                raise ConfigError(f"{cfg_path}: unknown setting {table}.{key}")
+            setattr(config, attr, _coerce(attr, value, f"{cfg_path}: {table}.{key}"))
+    if config.path is not None:  # relative map paths are relative to the config file
+        config.maps = [config.path.parent / p for p in config.maps]
+    if args is not None:
+        apply_args(config, args)
+    return config
+
+
+def apply_args(config: Config, args: argparse.Namespace) -> None:
+    """Command-line flags replace the file's values (lists are replaced, not merged)."""
+    names = {f.name for f in fields(Config)}
+    for attr in names:
+        value = getattr(args, attr, None)
+        if value is None or value == []:
+            continue
+        if attr in ("require_dnssec", "isolate_streams") and value is False:
+            continue
+        setattr(config, attr, _coerce(attr, value, f"--{attr.replace('_', '-')}"))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The routing and tor flags every subcommand shares (mirrors the TOML keys)."""
+    parser.add_argument(
+        "--config", metavar="FILE", default=os.environ.get("TORROUTE_CONFIG"),
+        help=f"TOML configuration (default {DEFAULT_CONFIG_PATH}, if present)",
+    )
+    parser.add_argument("--map", dest="maps", action="append", metavar="FILE",
+                        help="pinned map: onionmx map.yml, a directory of them, or a text map")
+    parser.add_argument("--nameserver", dest="nameservers", action="append",
+                        metavar="HOST:PORT", help="DNS server for SRV lookups (repeatable)")
+    parser.add_argument("--local-domain", dest="local_domains", action="append", metavar="D",
+                        help="a domain delivered locally: never routed over Tor (repeatable)")
+    parser.add_argument("--ignore-domain", dest="ignore_domains", action="append", metavar="D",
+                        help="a domain never routed over Tor (repeatable)")
+    parser.add_argument("--require-dnssec", action="store_true", default=None,
+                        help="accept SRV answers only with the AD bit from the resolver")
+    parser.add_argument("--dns-timeout", type=float, metavar="SECONDS")
+    parser.add_argument("--tor-socks", metavar="HOST:PORT", help="tor SocksPort (default 9050)")
+    parser.add_argument("--tor-dns", metavar="HOST:PORT", help="tor DNSPort (default 9053)")
+    parser.add_argument("--tor-control", metavar="unix:PATH|inet:HOST:PORT",
+                        help="tor control port (default unix:/run/tor/control)")
+    parser.add_argument("-v", "--verbose", action="count", default=0)

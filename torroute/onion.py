@@ -1,0 +1,89 @@
+"""v3 onion addresses (rend-spec-v3 §6): parse, validate, build.
+
+An address is base32(PUBKEY[32] | CHECKSUM[2] | VERSION[1]) + ".onion", with
+CHECKSUM = SHA3-256(".onion checksum" | PUBKEY | VERSION)[:2] and VERSION = 3.  Validation is
+strict because a mistyped onion must never become a route.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+
+from .errors import InvalidOnion
+
+V3_LABEL_LEN = 56
+V2_LABEL_LEN = 16
+_VERSION = b"\x03"
+_CHECKSUM_PREFIX = b".onion checksum"
+_B32_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz234567")
+
+
+def _checksum(pubkey: bytes, version: bytes = _VERSION) -> bytes:
+    return hashlib.sha3_256(_CHECKSUM_PREFIX + pubkey + version).digest()[:2]
+
+
+def onion_from_pubkey(pubkey: bytes) -> str:
+    """The ``<56 chars>.onion`` address of an ed25519 public key."""
+    if len(pubkey) != 32:
+        raise ValueError("an ed25519 public key is 32 bytes")
+    raw = pubkey + _checksum(pubkey) + _VERSION
+    return base64.b32encode(raw).decode("ascii").lower() + ".onion"
+
+
+@dataclass(frozen=True, slots=True)
+class OnionAddress:
+    """A validated v3 onion service address; ``host`` is ``<56 chars>.onion``, lowercase."""
+
+    host: str
+
+    @property
+    def pubkey(self) -> bytes:
+        return base64.b32decode(self.host[:V3_LABEL_LEN].upper())[:32]
+
+    def __str__(self) -> str:
+        return self.host
+
+
+def is_onion_name(name: str) -> bool:
+    """True for any name under the ``.onion`` TLD (valid or not): such names never go to DNS."""
+    return name.rstrip(".").lower().endswith(".onion")
+
+
+def parse_onion(name: str) -> OnionAddress:
+    """Validate ``name`` as a v3 onion; subdomains reduce to the service.
+
+    Raises InvalidOnion with a message a postmaster can act on.
+    """
+    if not isinstance(name, str):
+        raise InvalidOnion(f"not a string: {name!r}")
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    host = name.strip()
+    if host.endswith("."):
+        host = host[:-1]
+    host = host.lower()
+    if not host.endswith(".onion"):
+        raise InvalidOnion(f"{shown!r} is not an .onion address")
+    labels = host.split(".")
+    service = labels[-2] if len(labels) >= 2 else ""
+    if any(label == "" for label in labels):
+        raise InvalidOnion(f"{shown!r} has an empty label")
+    if len(service) == V2_LABEL_LEN and set(service) <= _B32_ALPHABET:
+        raise InvalidOnion(
+            f"{shown!r} is a v2 onion address: v2 onion services are dead since 2021 "
+            "(tor 0.4.6 removed them); ask the domain for its v3 address"
+        )
+    if len(service) != V3_LABEL_LEN:
+        raise InvalidOnion(
+            f"{shown!r}: a v3 onion label has {V3_LABEL_LEN} characters, not {len(service)}"
+        )
+    if not set(service) <= _B32_ALPHABET:
+        raise InvalidOnion(f"{shown!r}: onion label is not base32 (a-z, 2-7)")
+    raw = base64.b32decode(service.upper())
+    pubkey, checksum, version = raw[:32], raw[32:34], raw[34:35]
+    if version != _VERSION:
+        raise InvalidOnion(f"{shown!r}: onion version {version[0]} is not 3")
+    if checksum != _checksum(pubkey, version):
+        raise InvalidOnion(f"{shown!r}: onion checksum mismatch (a typo in the address?)")
+    return OnionAddress(service + ".onion")

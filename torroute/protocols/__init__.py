@@ -1,0 +1,133 @@
+"""Pure wire codecs for the lookup daemon: bytes in, requests and reply bytes out, no I/O.
+
+Each codec (:mod:`.socketmap`, :mod:`.tcptable`, :mod:`.eximline`) has an incremental parser
+(``feed(bytes) -> list[Lookup | Malformed]``) with a hard request size limit, and reply
+formatters for the three outcomes the daemon knows: found, not found, temporary failure.
+
+Why the rules below: the daemon's answers end up in an MTA's routing table.  A request byte
+(CR, LF, NUL, space, a ``%`` escape) echoed into an answer could split one reply into two or
+smuggle a different next hop, so answers are built only from validated route values and from
+reasons passed through :func:`sanitize_reason`, never from request text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "ProtocolError",
+    "Lookup",
+    "Malformed",
+    "Event",
+    "sanitize_reason",
+    "check_value",
+    "postfix_value",
+    "POSTFIX_ANSWER_PRESETS",
+    "DEFAULT_MAX_REQUEST",
+]
+
+#: Default hard limit for one request (an RFC 5321 path is at most 256 octets; room to spare).
+DEFAULT_MAX_REQUEST = 4096
+
+#: Longest reason text put into any reply.
+MAX_REASON = 200
+
+
+class ProtocolError(ValueError):
+    """Base of every codec error: malformed wire data or an unsafe reply value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """One well-formed lookup request.
+
+    ``key`` is the lookup key as text (UTF-8, undecodable bytes replaced by U+FFFD, so it is
+    always printable-safe str); ``map_name`` is the socketmap name or ``""``.
+    """
+
+    key: str
+    map_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A request the codec rejected: send ``reply`` (already encoded) and close if ``close``.
+
+    ``close`` is true when the stream cannot be resynchronised (a broken netstring length).
+    """
+
+    reply: bytes
+    close: bool
+    reason: str
+
+
+Event = Lookup | Malformed
+
+_REASON_BAD = re.compile(r"[^\x20-\x7e]|%")
+
+
+def sanitize_reason(reason: object, limit: int = MAX_REASON) -> str:
+    """Printable ASCII only, no ``%``, single spaces, bounded length; never empty.
+
+    Reasons can carry text that came from elsewhere (an exception message containing the
+    looked-up name), so everything outside 0x20..0x7e and ``%`` becomes ``?``.
+    """
+    text = _REASON_BAD.sub("?", str(reason))
+    text = " ".join(text.split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text or "unspecified"
+
+
+# A route value is a next-hop such as ``torroute:[<56 chars>.onion]:25`` or ``127.192.0.7::25``.
+_VALUE_RE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,1000}")
+
+
+def check_value(value: str) -> str:
+    """Return ``value`` if it is a safe route value, else raise :class:`ProtocolError`.
+
+    Only letters, digits and ``. _ : [ ] -``: no whitespace, ``%``, ``@``, NUL or line breaks
+    can reach an MTA through a found answer.
+    """
+    if not isinstance(value, str) or not _VALUE_RE.fullmatch(value):
+        raise ProtocolError(f"unsafe route value {value!r}")
+    return value
+
+
+#: Named Postfix answer templates (``[serve] postfix_answer`` may name one or give a template).
+POSTFIX_ANSWER_PRESETS = {
+    # torroute's own transport (a pipe or smtp+SOCKS transport named by ``transport``).
+    "torroute": "{transport}:[{onion}]:{port}",
+    # The classic onionmx/onionrouter setup: an smtp transport ``smtptor`` behind torsocks or
+    # a SOCKS-capable relay; port 25 implied, other ports appended.
+    "onionmx": "smtptor:[{onion}]{colon_port_unless_25}",
+}
+
+_TEMPLATE_FIELD = re.compile(r"\{([^{}]*)\}")
+_TEMPLATE_FIELDS = {"transport", "onion", "port", "colon_port_unless_25"}
+
+
+def check_template(template: str) -> str:
+    """Resolve a preset name or validate a template; raise :class:`ProtocolError` if unusable."""
+    template = POSTFIX_ANSWER_PRESETS.get(template, template)
+    fields = set(_TEMPLATE_FIELD.findall(template))
+    unknown = fields - _TEMPLATE_FIELDS
+    if unknown:
+        raise ProtocolError(f"unknown field(s) in answer template: {sorted(unknown)}")
+    if "onion" not in fields:
+        raise ProtocolError("answer template must contain {onion}")
+    check_value(postfix_value(template, "t", "x" * 56 + ".onion", 25))
+    return template
+
+
+def postfix_value(template: str, transport: str, onion: str, port: int) -> str:
+    """Fill a Postfix answer template (``{transport}:[{onion}]:{port}``) and validate it."""
+    template = POSTFIX_ANSWER_PRESETS.get(template, template)
+    value = template.format(
+        transport=transport,
+        onion=onion,
+        port=port,
+        colon_port_unless_25="" if port == 25 else f":{port}",
+    )
+    return check_value(value)
