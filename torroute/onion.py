@@ -2,7 +2,8 @@
 
 An address is base32(PUBKEY[32] | CHECKSUM[2] | VERSION[1]) + ".onion", with
 CHECKSUM = SHA3-256(".onion checksum" | PUBKEY | VERSION)[:2] and VERSION = 3.  Validation is
-strict because a mistyped onion must never become a route.
+strict because a mistyped onion must never become a route; like tor, it also checks that the key
+is a valid ed25519 point (see :mod:`torroute.ed25519`).
 """
 
 from __future__ import annotations
@@ -86,4 +87,11 @@ def parse_onion(name: str) -> OnionAddress:
         raise InvalidOnion(f"{shown!r}: onion version {version[0]} is not 3")
     if checksum != _checksum(pubkey, version):
         raise InvalidOnion(f"{shown!r}: onion checksum mismatch (a typo in the address?)")
+    from .ed25519 import is_valid_pubkey
+
+    if not is_valid_pubkey(pubkey):
+        raise InvalidOnion(
+            f"{shown!r}: the checksum is right but the key is not a valid ed25519 service key; "
+            "tor refuses such an address (SOCKS reply 0xF6): was it made up?"
+        )
     return OnionAddress(service + ".onion")
