@@ -59,3 +59,41 @@ def silent_udp() -> Iterator[SilentUdpServer]:
 def have_tor() -> None:
     if shutil.which("tor") is None and not Path("/usr/sbin/tor").exists():
         pytest.fail("tor is not installed: run scripts/install-deps.sh (CI installs it)")
+
+
+@pytest.fixture
+def fake_validating_resolver() -> Iterator[tuple[str, int]]:
+    """FakeValidatingResolver — fake: sets the AD bit, which no loopback resolver here can do
+    without a signed zone and trust chain.  Answers SRV for example.test with ONION_A."""
+    import socket
+    import threading
+
+    import dns.flags
+    import dns.message
+    import dns.rrset
+    from onions import ONION_A
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            query = dns.message.from_wire(data)
+            reply = dns.message.make_response(query)
+            reply.flags |= dns.flags.AD
+            reply.answer.append(dns.rrset.from_text(
+                query.question[0].name, 60, "IN", "SRV", f"0 5 25 {ONION_A}."))
+            sock.sendto(reply.to_wire(), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()
+    stop.set()
+    thread.join()
+    sock.close()

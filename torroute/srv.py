@@ -52,7 +52,8 @@ def order_targets(
     ordered: list[SrvTarget] = []
     for priority in sorted({r.priority for r in records}):
         group = [r for r in records if r.priority == priority]
-        # zero-weight records first, as RFC 2782 asks, so they get a small chance
+        # any order, but zero-weight records first (RFC 2782); shuffled so equal records share load
+        rng.shuffle(group)
         group.sort(key=lambda r: r.weight != 0)
         while group:
             total = sum(r.weight for r in group)
