@@ -143,6 +143,11 @@ class SocketmapParser:
         self._buf = buf
         return events
 
+    def eof(self) -> list[Event]:
+        """The peer closed: a partial netstring is dropped (there is nobody to answer)."""
+        self._buf = b""
+        return []
+
     @staticmethod
     def _request(payload: bytes) -> Event:
         name, sep, key = payload.partition(b" ")

@@ -7,8 +7,15 @@ the parser resynchronises on the next newline instead of closing.
 
 from __future__ import annotations
 
-from . import DEFAULT_MAX_REQUEST, Event, Lookup, Malformed, ProtocolError, check_value
-from . import sanitize_reason
+from . import (
+    DEFAULT_MAX_REQUEST,
+    Event,
+    Lookup,
+    Malformed,
+    ProtocolError,
+    check_value,
+    sanitize_reason,
+)
 
 __all__ = [
     "TcpTableError",
@@ -146,6 +153,12 @@ class TcpTableParser:
             rest = b""
         self._buf = rest
         return events
+
+    def eof(self) -> list[Event]:
+        """The peer closed: Postfix always ends its lines, so a partial line is dropped."""
+        self._buf = b""
+        self._discarding = False
+        return []
 
     def _line(self, line: bytes) -> Event:
         if len(line) > self._max:
