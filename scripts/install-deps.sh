@@ -1,0 +1,51 @@
+#!/bin/bash
+# Install what torroute, its demo and its tests need on Debian 12 (bookworm), as root.
+# Idempotent: re-running skips what is already there.  Used by ./demo, scripts/test and .ci/run.
+#   - Debian packages: tor, dnsmasq-base, postfix (no configuration), swaks, torsocks, python3-venv
+#   - a venv at /opt/torroute (Debian's python3; world-readable, so Postfix's pipe user can run
+#     /opt/torroute/bin/torroute) with torroute and its test/docs extras
+#   - Exim (exim4-daemon-heavy) unpacked into /opt/exim4-heavy (it conflicts with postfix)
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${TORROUTE_VENV:-/opt/torroute}
+export DEBIAN_FRONTEND=noninteractive
+
+if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: run as root (apt-get, /opt)" >&2
+    exit 77
+fi
+
+# Never let a package start a system tor with Debian's default torrc: that tor would contact the
+# public Tor network.  policy-rc.d (exit 101) makes invoke-rc.d skip service starts.
+if [ ! -x /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    echo "install-deps: created /usr/sbin/policy-rc.d (no service starts during installs)"
+fi
+
+packages="tor dnsmasq-base postfix swaks torsocks python3-venv python3-dev iproute2 util-linux
+          perl libsocket-perl ca-certificates"
+missing=""
+for p in $packages; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "install-deps: apt-get install$missing"
+    apt-get update -q
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get install -y -q --no-install-recommends $missing
+fi
+# a system tor may still run on machines without policy-rc.d support (no systemd: it does not)
+bash "$here/scripts/install-exim.sh"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3 -m venv "$VENV"
+fi
+pip_args=(-q --disable-pip-version-check)
+if [ "${TORROUTE_EDITABLE:-0}" = 1 ]; then
+    "$VENV/bin/pip" install "${pip_args[@]}" -e "$here[test,docs]"
+else
+    "$VENV/bin/pip" install "${pip_args[@]}" "$here[test,docs]"
+fi
+chmod -R a+rX "$VENV"
+echo "install-deps: ok ($VENV/bin/torroute $("$VENV/bin/torroute" --version | cut -d' ' -f2))"
