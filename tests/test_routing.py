@@ -12,12 +12,12 @@ from onions import ONION_A, ONION_B, ONION_C
 from realparts import Dnsmasq, SrvRecord
 
 from torroute.config import Config
-from torroute.maps import load_maps
 from torroute.routing import NoRoute, Reject, Route, Router, TempFail, destination_domain
 from torroute.srv import SrvTarget, order_targets
 
 SRV = "_onion-mx._tcp."
-ROOT_ANCHOR = "--trust-anchor=.,20326,8,2,E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D"
+ROOT_ANCHOR = ("--trust-anchor=.,20326,8,2,"
+               "E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D")
 
 
 def records() -> list[SrvRecord]:

@@ -153,3 +153,20 @@ def test_reply_code_parsing_from_python_socks_messages() -> None:
 def test_classification(code, temporary: bool) -> None:
     exc = socks_error(code, "x.onion:25", "detail")
     assert exc.temporary is temporary and exc.code == code
+
+
+def test_the_onion_a_route_returns_is_automapped(tor, dnsmasq_factory, tmp_path) -> None:
+    """SRV and pin answers feed straight into tor's automap (the Exim path)."""
+    from realparts import SrvRecord
+
+    from torroute.config import Config
+    from torroute.routing import Route, Router
+
+    dns = dnsmasq_factory([SrvRecord("_onion-mx._tcp.example.test", "mx." + ONION_A)])
+    pins = tmp_path / "pins.txt"
+    pins.write_text(f"pinned.example {ONION_B}:2525\n")
+    router = Router.from_config(Config(nameservers=[dns.address], maps=[pins]))
+    for domain, onion in (("example.test", ONION_A), ("pinned.example", ONION_B)):
+        decision = router.route(f"user@{domain}")
+        assert isinstance(decision, Route) and decision.onion == onion
+        assert resolve_automap(decision.onion, tor.dns) in VIRTUAL
