@@ -8,11 +8,23 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onions import ONION_A, ONION_B, ONION_C
 from realparts import Dnsmasq, SrvRecord
 
 from torroute.config import Config
-from torroute.routing import NoRoute, Reject, Route, Router, TempFail, destination_domain
+from torroute.maps import PinMap
+from torroute.onion import parse_onion
+from torroute.routing import (
+    NoRoute,
+    Reject,
+    Route,
+    Router,
+    TempFail,
+    decide_static,
+    destination_domain,
+)
 from torroute.srv import SrvTarget, order_targets
 
 SRV = "_onion-mx._tcp."
@@ -218,3 +230,12 @@ def test_zero_weights_all_get_picked() -> None:
     rng = random.Random(1)
     assert {order_targets(recs, rng)[0].target for _ in range(100)} == {"a", "b"}
     assert sorted(t.target for t in order_targets(recs, rng)) == ["a", "b"]
+
+
+@settings(max_examples=500)
+@given(st.text(max_size=300))
+def test_static_decisions_never_raise_and_never_route_garbage(text: str) -> None:
+    config = Config(nameservers=[], local_domains=["local.test"])
+    decision = decide_static(destination_domain(text), config, PinMap())
+    if isinstance(decision, Route):
+        assert parse_onion(decision.onion).host == decision.onion
