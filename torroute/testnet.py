@@ -1,0 +1,983 @@
+"""A private Tor network on 127.0.0.1: real tor, a real v3 onion service, nothing leaves loopback.
+
+Why: onion delivery has never been tested end to end automatically; this lets the test suite (and
+users checking their own Postfix/Exim setup) dial a real onion service through a real tor client
+in ~10 s, with no Internet.  It is NOT anonymous and NOT the Tor network: 3 directory
+authorities + 2 relays + 1 onion-service tor + 1 client tor, all ours, all on loopback.
+
+Layout of a network directory (``PrivateNetwork(directory)``)::
+
+    testnet.json          state: pids, ports, onion (read by ``status``/``down``)
+    resolv.conf           loopback-only resolver file for the relays
+    auth0..auth2/         directory authorities (also relays), relay0..relay1/, hs/, client/
+        torrc  notice.log  console.log  tor.pid  (and tor's data files; 0700)
+
+Every torrc passes :func:`check_torrc` before any tor starts; a failing check refuses to start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HostPort = tuple[str, int]
+Progress = Callable[[str], None]
+
+STATE_FILE = "testnet.json"
+STATE_VERSION = 1
+INITIAL_VOTING_INTERVAL = 6  # seconds; the regular one must be a multiple of it (6/12)
+VOTING_INTERVAL = 12
+VOTE_DELAY = 2
+VOTING_LEAD = float(os.environ.get("TORROUTE_TESTNET_VOTING_LEAD", "4.5"))  # see voting_offset
+DIST_DELAY = 2
+AUTHORITIES = 3
+RELAYS = 2  # onion circuits need 4 distinct relays: 3 in total never works, use 5
+
+SOCKS_OK = 0x00
+SOCKS_DESCRIPTOR_NOT_FOUND = 0xF0  # tor ExtendedErrors: retry, the client has not got it yet
+
+
+class UnsafeTorrc(ValueError):
+    """A torrc that could make tor talk to something outside 127.0.0.0/8."""
+
+
+class TestnetError(RuntimeError):
+    """The network could not be booted or controlled."""
+
+    __test__ = False  # not a pytest test class
+
+
+class BootError(TestnetError):
+    """A node failed during boot; says which node and the tail of its log."""
+
+    def __init__(self, message: str, node: str | None = None, log_tail: str = "") -> None:
+        full = message if not node else f"{node}: {message}"
+        if log_tail:
+            full += f"\n--- last lines of {node}'s log ---\n{log_tail}"
+        super().__init__(full)
+        self.node = node
+        self.log_tail = log_tail
+
+
+# --------------------------------------------------------------------------------------------
+# torrc safety checks (pure)
+
+_PORT_OPTIONS = {
+    "orport", "dirport", "socksport", "controlport", "dnsport", "transport", "natdport",
+    "httptunnelport", "extorport", "metricsport",
+}
+_FORBIDDEN = {
+    "reachableaddresses", "reachableoraddresses", "reachablediraddresses",
+    "outboundbindaddress", "outboundbindaddressor", "outboundbindaddressexit",
+    "outboundbindaddresspt", "fallbackdir", "clienttransportplugin", "servertransportplugin",
+    "%include", "alternatedirauthority", "alternatebridgeauthority", "dirauthorityfallbackrate",
+}
+_HOSTPORT = re.compile(r"^(\[?[0-9a-fA-F:.]+\]?):(\d{1,5})$")
+
+
+def parse_torrc(text: str) -> list[tuple[str, str]]:
+    """(lowercased key, value) pairs in order; comments and blank lines dropped."""
+    pairs = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, _, value = line.partition(" ")
+        pairs.append((key.lstrip("+/").lower(), value.strip()))
+    return pairs
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network("127.0.0.0/8")
+    except ValueError:
+        return False
+
+
+def _loopback_hostport(value: str) -> bool:
+    match = _HOSTPORT.match(value)
+    return bool(match) and _is_loopback(match.group(1)) and 0 < int(match.group(2)) < 65536
+
+
+def check_torrc(text: str, read_file: Callable[[str], str] | None = None) -> None:
+    """Raise :class:`UnsafeTorrc` unless this torrc keeps tor on loopback.
+
+    Required: ``TestingTorNetwork 1`` with only 127.x ``DirAuthority`` lines, or ``UseBridges 1``
+    with only 127.x ``Bridge`` lines; ``UseDefaultFallbackDirs 0``; ``ClientUseIPv6 0``;
+    ``Address 127.0.0.1``; every port option ``0``, ``unix:`` or ``127.0.0.1:PORT``; onion
+    service targets ``127.0.0.1:PORT``; no proxies, transports, fallback dirs, %include.
+    Relays (an ORPort) also need ``ExitRelay 0``, ``ExitPolicy reject *:*`` and a
+    ``ServerDNSResolvConfFile`` naming only loopback nameservers (read with ``read_file``;
+    without it the file is not read and that one check is skipped), ``ServerDNSDetectHijacking
+    0`` and an empty ``ServerDNSTestAddresses``.
+    """
+    pairs = parse_torrc(text)
+    problems: list[str] = []
+    values: dict[str, list[str]] = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+
+    def last(key: str) -> str | None:
+        return values[key][-1] if key in values else None
+
+    for key, value in pairs:
+        if key in _FORBIDDEN or key.endswith("proxy"):
+            problems.append(f"{key} is not allowed in a loopback-only network")
+        elif key in _PORT_OPTIONS:
+            first = value.split()[0] if value.split() else ""
+            if not (first == "0" or first.startswith("unix:") or _loopback_hostport(first)):
+                problems.append(f"{key} {value!r}: must be 0, unix: or 127.0.0.1:PORT")
+        elif key == "hiddenserviceport":
+            parts = value.split()
+            target = parts[1] if len(parts) > 1 else ""
+            if not (target.startswith("unix:") or _loopback_hostport(target)):
+                problems.append(f"HiddenServicePort {value!r}: target must be 127.0.0.1:PORT")
+        elif key in ("dirauthority", "bridge"):
+            addrs = [t for t in value.split() if _HOSTPORT.match(t)]
+            if not addrs or not all(_loopback_hostport(a) for a in addrs):
+                problems.append(f"{key} {value!r}: address must be 127.x.x.x:PORT")
+            if any(t.lower().startswith("ipv6=") for t in value.split()):
+                problems.append(f"{key} {value!r}: ipv6= is not allowed")
+
+    testing = last("testingtornetwork") == "1"
+    bridges = last("usebridges") == "1"
+    if testing:
+        if "dirauthority" not in values:
+            problems.append("TestingTorNetwork 1 without DirAuthority lines uses the real ones")
+    elif bridges:
+        if "bridge" not in values:
+            problems.append("UseBridges 1 without Bridge lines")
+    else:
+        problems.append("need TestingTorNetwork 1 + DirAuthority, or UseBridges 1 + Bridge")
+    if "dirauthority" in values and not testing:
+        problems.append("DirAuthority lines need TestingTorNetwork 1 here")
+    for key, want in (("usedefaultfallbackdirs", "0"), ("clientuseipv6", "0"),
+                      ("address", "127.0.0.1")):
+        if last(key) != want:
+            problems.append(f"{key} must be {want} (is {last(key)!r})")
+
+    orport = last("orport")
+    if orport is not None and orport.split()[0] != "0":
+        if last("exitrelay") != "0":
+            problems.append("a relay needs ExitRelay 0")
+        if last("exitpolicy") != "reject *:*":
+            problems.append("a relay needs ExitPolicy reject *:*")
+        if last("serverdnsdetecthijacking") != "0":
+            problems.append("a relay needs ServerDNSDetectHijacking 0")
+        if last("serverdnstestaddresses") != "":
+            problems.append("a relay needs an empty ServerDNSTestAddresses")
+        resolv = last("serverdnsresolvconffile")
+        if not resolv:
+            problems.append("a relay needs ServerDNSResolvConfFile (else /etc/resolv.conf)")
+        elif read_file is not None:
+            try:
+                servers = [line.split()[1] for line in read_file(resolv).splitlines()
+                           if line.startswith("nameserver") and len(line.split()) > 1]
+            except OSError as exc:
+                problems.append(f"ServerDNSResolvConfFile {resolv}: {exc}")
+            else:
+                if not servers or not all(_is_loopback(s) for s in servers):
+                    problems.append(f"{resolv}: nameservers must all be 127.x")
+    if problems:
+        raise UnsafeTorrc("unsafe torrc: " + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# other pure helpers
+
+
+def voting_offset(now: float, lead: float | None = None,
+                  interval: int = INITIAL_VOTING_INTERVAL) -> int:
+    """``TestingV3AuthVotingStartOffset`` so the first valid-after lands ``lead`` s after ``now``.
+
+    Valid-after times are k*interval + offset seconds after midnight UTC; with a 6 s interval
+    tor votes ~2-3 s before (it shrinks the delays to interval/4).  Relay descriptors need ~1.5 s
+    to reach every authority: measured here, a lead of 3 s missed relays every time (the network
+    then waits another interval: +10 s), 4 s worked every time, 5.5 s cost ~1 s; 4.5 leaves margin.
+    """
+    target = int(now + (VOTING_LEAD if lead is None else lead)) + 1
+    return target % 86400 % interval
+
+
+def consensus_relays(text: str) -> dict[str, set[str]]:
+    """Nickname -> flags for every router in a (microdesc) consensus document."""
+    relays: dict[str, set[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if line.startswith("r "):
+            current = line.split()[1]
+            relays[current] = set()
+        elif line.startswith("s ") and current is not None:
+            relays[current] = set(line.split()[1:])
+    return relays
+
+
+def parse_onion_port(text: str) -> tuple[int, HostPort]:
+    """``"25=127.0.0.1:2525"`` -> (25, ("127.0.0.1", 2525)); a bare ``PORT`` target means
+    127.0.0.1.  Raises ValueError for anything else (targets must be loopback)."""
+    vport_text, sep, target = text.partition("=")
+    if not sep or not vport_text.strip().isdigit():
+        raise ValueError(f"{text!r}: expected VPORT=127.0.0.1:PORT")
+    vport = int(vport_text)
+    target = target.strip()
+    if target.isdigit():
+        target = f"127.0.0.1:{target}"
+    if not _loopback_hostport(target):
+        raise ValueError(f"{text!r}: the target must be 127.x.x.x:PORT (loopback only)")
+    host, _, port = target.rpartition(":")
+    if not 0 < vport < 65536:
+        raise ValueError(f"{text!r}: virtual port out of range")
+    return vport, (host, int(port))
+
+
+def socks5_connect_request(host: str, port: int) -> bytes:
+    """Greeting (no auth) + CONNECT to a domain name, sent in one write."""
+    name = host.encode("ascii")
+    return (b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name
+            + struct.pack(">H", port))
+
+
+def socks5_reply_code(data: bytes) -> int | None:
+    """The CONNECT reply code from the 2-byte method answer + reply; None if incomplete."""
+    if len(data) < 4 or data[0] != 5 or data[2] != 5:
+        return None
+    return data[3]
+
+
+def hostport(hp: HostPort) -> str:
+    return f"{hp[0]}:{hp[1]}"
+
+
+# --------------------------------------------------------------------------------------------
+# I/O helpers
+
+
+def free_ports(count: int, udp_too: Iterable[int] = (), low: int = 20000,
+               high: int = 32000) -> list[int]:
+    """``count`` distinct free loopback ports below the ephemeral range (so tor's own outgoing
+    connections never take them); indexes in ``udp_too`` are also free for UDP (DNSPort)."""
+    udp_indexes = set(udp_too)
+    chosen: list[int] = []
+    rng = random.SystemRandom()
+    while len(chosen) < count:
+        port = rng.randrange(low, high)
+        if port in chosen:
+            continue
+        kinds = [socket.SOCK_STREAM] + ([socket.SOCK_DGRAM] if len(chosen) in udp_indexes else [])
+        try:
+            for kind in kinds:
+                with socket.socket(socket.AF_INET, kind) as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        chosen.append(port)
+    return chosen
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child counts as dead
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def socks_probe(proxy: HostPort, host: str, port: int, timeout: float = 10.0) -> int | None:
+    """One SOCKS5 CONNECT through ``proxy``; the reply code, or None (no reply in time).
+
+    On success the stream is closed at once: the probe only proves the onion is reachable.
+    """
+    try:
+        with socket.create_connection(proxy, timeout=timeout) as sock:
+            sock.sendall(socks5_connect_request(host, port))
+            data = b""
+            while len(data) < 4:
+                chunk = sock.recv(4 - len(data))
+                if not chunk:
+                    break
+                data += chunk
+            return socks5_reply_code(data)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# the network
+
+
+@dataclass
+class Node:
+    """One tor of the network."""
+
+    name: str
+    role: str  # "authority" | "relay" | "hs" | "client"
+    datadir: Path
+    control_port: int
+    or_port: int = 0
+    dir_port: int = 0
+    fingerprint: str = ""
+    v3ident: str = ""
+    pid: int | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def torrc_path(self) -> Path:
+        return self.datadir / "torrc"
+
+    @property
+    def log_path(self) -> Path:
+        return self.datadir / "notice.log"
+
+    def log_tail(self, lines: int = 25) -> str:
+        text = _tail(self.log_path, lines)
+        console = _tail(self.datadir / "console.log", lines)
+        return text if text else console
+
+    def to_json(self) -> dict:
+        return {"role": self.role, "datadir": str(self.datadir), "pid": self.pid,
+                "control": f"127.0.0.1:{self.control_port}", "or_port": self.or_port,
+                "dir_port": self.dir_port, "fingerprint": self.fingerprint}
+
+
+class PrivateNetwork:
+    """A private Tor network in ``directory`` (created; must not hold a running network).
+
+    ``onion_ports`` maps the onion service's virtual ports to loopback targets.  ``owner_pid``
+    goes into every torrc as ``__OwningControllerProcess``: the tors exit (~15 s) after that
+    process dies.  Default: this process (tests, libraries).  A CLI that returns while the
+    network keeps running uses :meth:`start_keeper` instead (a tiny detached process that lives
+    until ``down`` or until the directory disappears).
+    """
+
+    def __init__(self, directory: Path | str, onion_ports: Mapping[int, HostPort] | None = None,
+                 *, owner_pid: int | None = None, progress: Progress | None = None,
+                 tor: str | None = None, tor_gencert: str | None = None) -> None:
+        self.directory = Path(directory).absolute()
+        self.onion_ports: dict[int, HostPort] = dict(onion_ports or {25: ("127.0.0.1", 25)})
+        for vport, target in self.onion_ports.items():
+            if not _is_loopback(target[0]):
+                raise UnsafeTorrc(f"onion port {vport}: target {target} is not loopback")
+        self.owner_pid = owner_pid if owner_pid is not None else os.getpid()
+        self.keeper_pid: int | None = None
+        self._progress = progress or (lambda _msg: None)
+        self.tor = tor or shutil.which("tor") or "/usr/sbin/tor"
+        self.tor_gencert = tor_gencert or shutil.which("tor-gencert") or "/usr/bin/tor-gencert"
+        self.nodes: list[Node] = []
+        self.onion: str = ""
+        self.socks_port = self.socks_ext_port = self.dns_port = 0
+        self.timings: dict[str, float] = {}
+        self._t0 = time.monotonic()
+        self._controllers: dict[str, object] = {}
+        self._uploaded: dict[str, float] = {}
+        self._uploaded_cv = threading.Condition()
+
+    # ---- public info
+
+    @property
+    def socks(self) -> HostPort:
+        """Client SocksPort (plain SOCKS5 replies)."""
+        return ("127.0.0.1", self.socks_port)
+
+    @property
+    def socks_extended(self) -> HostPort:
+        """Client SocksPort with ``ExtendedErrors`` (0xF0..0xF7 for onion failures)."""
+        return ("127.0.0.1", self.socks_ext_port)
+
+    @property
+    def dns(self) -> HostPort:
+        """Client DNSPort (automaps .onion names to 127.192.0.0/10; never ask it other names)."""
+        return ("127.0.0.1", self.dns_port)
+
+    @property
+    def control(self) -> HostPort:
+        return ("127.0.0.1", self.node("client").control_port)
+
+    @property
+    def control_cookie(self) -> Path:
+        return self.node("client").datadir / "control_auth_cookie"
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def info(self) -> dict:
+        """What ``torroute testnet up --json`` prints."""
+        return {
+            "socks": hostport(self.socks),
+            "socks_extended": hostport(self.socks_extended),
+            "dns": hostport(self.dns),
+            "control": hostport(self.control),
+            "control_cookie": str(self.control_cookie),
+            "onion": self.onion,
+            "onion_ports": {str(v): hostport(t) for v, t in sorted(self.onion_ports.items())},
+            "dir": str(self.directory),
+            "pids": {n.name: n.pid for n in self.nodes},
+            "keeper_pid": self.keeper_pid,
+        }
+
+    # ---- boot
+
+    def _say(self, message: str) -> None:
+        self.timings[message] = time.monotonic() - self._t0
+        self._progress(f"[{time.monotonic() - self._t0:5.1f}s] {message}")
+
+    def start_keeper(self) -> int:
+        """Start a detached process that owns the tors (for a CLI that exits after ``up``).
+
+        It lives while the network directory exists; ``down`` kills it.  If it dies, the tors
+        exit by themselves (``__OwningControllerProcess``), so a forgotten network cannot
+        outlive a deleted directory by more than ~20 s.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            ["/bin/sh", "-c", 'while [ -d "$0" ]; do sleep 3; done', str(self.directory)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)
+        self.keeper_pid = proc.pid
+        self.owner_pid = proc.pid
+        return proc.pid
+
+    def up(self, timeout: float = 90.0) -> PrivateNetwork:
+        """Boot and return once a real SOCKS connect to the onion succeeds; on failure stop
+        every tor started and raise :class:`BootError` (node + log tail)."""
+        self._t0 = time.monotonic()
+        deadline = self._t0 + timeout
+        try:
+            self._prepare()
+            self._start_all()
+            self._stage(deadline)
+            self._wait_ready(deadline)
+        except BaseException:
+            self.stop_processes()
+            raise
+        self.timings["ready"] = time.monotonic() - self._t0
+        self._write_state(ready=True)
+        return self
+
+    def check_directory(self) -> None:
+        """Refuse a directory where a network of ours still runs."""
+        if (self.directory / STATE_FILE).exists():
+            state = read_state(self.directory)
+            if any(_pid_alive(p) and _ours(p, self.directory) for p in _state_pids(state)):
+                raise TestnetError(f"{self.directory}: a network is already running there "
+                                   f"(torroute testnet down --dir {self.directory})")
+
+    def _prepare(self) -> None:
+        self.check_directory()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        (self.directory / "torrc-defaults").write_text("")  # never /etc/tor/torrc-defaults
+        # ports: 3 per authority, 2 per relay, 1 hs, 4 client (the last one, DNS, also UDP)
+        count = AUTHORITIES * 3 + RELAYS * 2 + 1 + 4
+        ports = iter(free_ports(count, udp_too=[count - 1]))
+        self.nodes = []
+        for i in range(AUTHORITIES):
+            self.nodes.append(Node(f"auth{i}", "authority", self.directory / f"auth{i}",
+                                   next(ports), or_port=next(ports), dir_port=next(ports)))
+        for i in range(RELAYS):
+            self.nodes.append(Node(f"relay{i}", "relay", self.directory / f"relay{i}",
+                                   next(ports), or_port=next(ports)))
+        self.nodes.append(Node("hs", "hs", self.directory / "hs", next(ports)))
+        self.nodes.append(Node("client", "client", self.directory / "client", next(ports)))
+        self.socks_port, self.socks_ext_port, self.dns_port = next(ports), next(ports), next(ports)
+        for node in self.nodes:
+            (node.datadir / "keys").mkdir(parents=True, exist_ok=True)
+            os.chmod(node.datadir, 0o700)
+            os.chmod(node.datadir / "keys", 0o700)
+        self._write_state(ready=False)
+        self._make_keys()
+        self._say("keys and fingerprints made")
+
+    def _run_checked(self, args: list[str], node: Node, stdin: bytes = b"") -> str:
+        proc = subprocess.run(args, input=stdin, capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            raise BootError(f"{Path(args[0]).name} failed (exit {proc.returncode})", node.name,
+                            (proc.stdout + proc.stderr).decode(errors="replace")[-2000:])
+        return proc.stdout.decode(errors="replace")
+
+    def _make_keys(self) -> None:
+        """Authority keys (tor-gencert) and relay fingerprints (tor --list-fingerprint), in
+        parallel threads: it is most of the boot's CPU time."""
+        errors: list[BaseException] = []
+
+        def gencert(node: Node) -> None:
+            keys = node.datadir / "keys"
+            self._run_checked([self.tor_gencert, "--create-identity-key", "--passphrase-fd", "0",
+                               "-i", str(keys / "authority_identity_key"),
+                               "-s", str(keys / "authority_signing_key"),
+                               "-c", str(keys / "authority_certificate"),
+                               "-m", "12", "-a", f"127.0.0.1:{node.dir_port}"], node, b"\n")
+            cert = (keys / "authority_certificate").read_text()
+            node.v3ident = re.search(r"^fingerprint (\w+)", cert, re.M).group(1)
+
+        def fingerprint(node: Node) -> None:
+            throwaway = node.datadir / "torrc.fingerprint"
+            text = self._common_lines(node, ["DirAuthority placeholder orport=1 no-v2 "
+                                             "127.0.0.1:1 " + "0" * 40])
+            text += self._relay_lines(node)
+            throwaway.write_text(text)
+            check_torrc(text, _read_text)
+            out = self._run_checked([self.tor, "--defaults-torrc",
+                                     str(self.directory / "torrc-defaults"),
+                                     "-f", str(throwaway), "--list-fingerprint", "--quiet"],
+                                    node)
+            match = re.search(rf"^{node.name} ((?:[0-9A-F]{{4}} ?){{10}})", out, re.M)
+            if not match:
+                raise BootError(f"no fingerprint in tor --list-fingerprint output: {out!r}",
+                                node.name)
+            node.fingerprint = match.group(1).replace(" ", "")
+
+        def guarded(fn: Callable[[Node], None], node: Node) -> None:
+            try:
+                fn(node)
+            except BaseException as exc:  # re-raised in the main thread
+                errors.append(exc)
+
+        threads = []
+        for node in self.nodes:
+            if node.role == "authority":
+                threads.append(threading.Thread(target=lambda n=node: (
+                    guarded(gencert, n), guarded(fingerprint, n))))
+            elif node.role == "relay":
+                threads.append(threading.Thread(target=guarded, args=(fingerprint, node)))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    # ---- torrc generation
+
+    def _dirauthority_lines(self) -> list[str]:
+        return [f"DirAuthority {n.name} orport={n.or_port} no-v2 v3ident={n.v3ident} "
+                f"127.0.0.1:{n.dir_port} {n.fingerprint}"
+                for n in self.nodes if n.role == "authority"]
+
+    def _common_lines(self, node: Node, dirauths: list[str]) -> str:
+        lines = [
+            "# generated by torroute.testnet: a private, loopback-only test network",
+            "GeoIPFile /dev/null",
+            "GeoIPv6File /dev/null",
+            "TestingTorNetwork 1",
+            f"DataDirectory {node.datadir}",
+            f"Nickname {node.name}",
+            "RunAsDaemon 0",
+            "Sandbox 0",
+            f"PidFile {node.datadir / 'tor.pid'}",
+            f"ControlPort 127.0.0.1:{node.control_port}",
+            "CookieAuthentication 1",
+            f"Log notice file {node.log_path}",
+            "SafeLogging 0",
+            "ShutdownWaitLength 0",
+            f"__OwningControllerProcess {self.owner_pid}",
+            "ClientUseIPv4 1",
+            "ClientUseIPv6 0",
+            "UseDefaultFallbackDirs 0",
+            "Address 127.0.0.1",
+            "PathsNeededToBuildCircuits 0.67",
+            *dirauths,
+        ]
+        return "\n".join(lines) + "\n"
+
+    def _relay_lines(self, node: Node) -> str:
+        lines = [
+            "SocksPort 0",
+            f"ORPort 127.0.0.1:{node.or_port}",
+            "AddressDisableIPv6 1",
+            "AssumeReachable 1",
+            "ExitRelay 0",
+            "ExitPolicy reject *:*",
+            "ServerDNSDetectHijacking 0",
+            "ServerDNSTestAddresses",
+            f"ServerDNSResolvConfFile {self.directory / 'resolv.conf'}",
+            f"ContactInfo {node.name}@testnet.invalid",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def torrc(self, node: Node, offset: int = 0) -> str:
+        """The full torrc of ``node`` (fingerprints must be known)."""
+        text = self._common_lines(node, self._dirauthority_lines())
+        if node.role in ("authority", "relay"):
+            text += self._relay_lines(node)
+        if node.role == "authority":
+            text += "\n".join([
+                f"DirPort 127.0.0.1:{node.dir_port}",
+                "AuthoritativeDirectory 1",
+                "V3AuthoritativeDirectory 1",
+                f"TestingV3AuthInitialVotingInterval {INITIAL_VOTING_INTERVAL}",
+                f"TestingV3AuthInitialVoteDelay {VOTE_DELAY}",
+                f"TestingV3AuthInitialDistDelay {DIST_DELAY}",
+                f"V3AuthVotingInterval {VOTING_INTERVAL}",
+                f"V3AuthVoteDelay {VOTE_DELAY}",
+                f"V3AuthDistDelay {DIST_DELAY}",
+                "V3AuthNIntervalsValid 2",
+                f"TestingV3AuthVotingStartOffset {offset}",
+                "TestingDirAuthVoteGuard *",
+                "TestingDirAuthVoteHSDir *",
+            ]) + "\n"
+        elif node.role in ("hs", "client"):
+            text += "DisableNetwork 1\nFetchDirInfoEarly 1\nFetchDirInfoExtraEarly 1\n"
+            if node.role == "hs":
+                text += "SocksPort 0\n"
+                text += f"HiddenServiceDir {node.datadir / 'onion'}\nHiddenServiceVersion 3\n"
+                for vport, target in sorted(self.onion_ports.items()):
+                    text += f"HiddenServicePort {vport} {hostport(target)}\n"
+            else:
+                text += "\n".join([
+                    f"SocksPort 127.0.0.1:{self.socks_port} IsolateSOCKSAuth",
+                    f"SocksPort 127.0.0.1:{self.socks_ext_port} ExtendedErrors IsolateSOCKSAuth",
+                    f"DNSPort 127.0.0.1:{self.dns_port}",
+                    "AutomapHostsOnResolve 1",
+                    "AutomapHostsSuffixes .onion",
+                ]) + "\n"
+        return text
+
+    # ---- processes
+
+    def _start_all(self) -> None:
+        offset = voting_offset(time.time())
+        texts = {}
+        for node in self.nodes:  # check every torrc before any tor starts
+            texts[node.name] = self.torrc(node, offset)
+            check_torrc(texts[node.name], _read_text)
+        for node in self.nodes:
+            node.torrc_path.write_text(texts[node.name])
+            with open(node.datadir / "console.log", "wb") as console:
+                node.process = subprocess.Popen(
+                    [self.tor, "--defaults-torrc", str(self.directory / "torrc-defaults"),
+                     "-f", str(node.torrc_path)],
+                    stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
+                    start_new_session=True, close_fds=True)
+            node.pid = node.process.pid
+        self._write_state(ready=False)
+        self._say(f"started {len(self.nodes)} tors (voting offset {offset})")
+
+    def _check_alive(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is not None:
+                raise BootError(f"tor exited with status {node.process.returncode} during boot",
+                                node.name, node.log_tail())
+
+    def _wait(self, what: str, deadline: float, test: Callable[[], object],
+              node: Node | None = None, pause: float = 0.1) -> object:
+        while True:
+            self._check_alive()
+            result = test()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                blame = node or self.node("auth0")
+                raise BootError(f"timed out waiting for {what}", blame.name, blame.log_tail())
+            time.sleep(pause)
+
+    def _controller(self, node: Node, deadline: float):
+        """A stem controller (cookie auth) for ``node``; kept open for events."""
+        from stem import SocketError
+        from stem.control import Controller
+
+        def connect():
+            try:
+                ctl = Controller.from_port("127.0.0.1", node.control_port)
+            except SocketError:
+                return None
+            ctl.authenticate()
+            return ctl
+
+        ctl = self._wait(f"{node.name}'s control port", deadline, connect, node)
+        self._controllers[node.name] = ctl
+        return ctl
+
+    def _on_hs_desc(self, event) -> None:
+        if getattr(event, "action", None) == "UPLOADED":
+            with self._uploaded_cv:
+                self._uploaded.setdefault(str(event.address), time.monotonic())
+                self._uploaded_cv.notify_all()
+
+    def _stage(self, deadline: float) -> None:
+        """Enable the onion service and client only once the consensus lists every relay
+        Running: started earlier, they fetch an incomplete consensus and wait for the next."""
+        from stem.control import EventType
+
+        hs, client = self.node("hs"), self.node("client")
+        hs_ctl = self._controller(hs, deadline)
+        hs_ctl.add_event_listener(self._on_hs_desc, EventType.HS_DESC)
+        client_ctl = self._controller(client, deadline)
+        hostname = hs.datadir / "onion" / "hostname"
+        self.onion = str(self._wait("the onion service's hostname file", deadline,
+                                    lambda: _read_text(hostname).strip(), hs))
+        self._write_state(ready=False)
+        relays = {n.name for n in self.nodes if n.role in ("authority", "relay")}
+        consensus = self.node("auth0").datadir / "cached-microdesc-consensus"
+
+        def all_running() -> bool:
+            listed = consensus_relays(_read_text(consensus))
+            return relays <= {name for name, flags in listed.items() if "Running" in flags}
+
+        self._wait(f"a consensus listing all {len(relays)} relays Running", deadline,
+                   all_running, self.node("auth0"), pause=0.1)
+        self._say(f"consensus lists all {len(relays)} relays Running")
+        hs_ctl.set_conf("DisableNetwork", "0")
+        client_ctl.set_conf("DisableNetwork", "0")
+
+    def _wait_ready(self, deadline: float) -> None:
+        client, hs = self.node("client"), self.node("hs")
+        client_ctl = self._controllers["client"]
+
+        def bootstrapped() -> bool:
+            return "PROGRESS=100" in client_ctl.get_info("status/bootstrap-phase", "")
+
+        self._wait("the client to bootstrap", deadline, bootstrapped, client, pause=0.1)
+        self._say("client bootstrapped 100%")
+        address = self.onion.removesuffix(".onion")
+        self._wait("the onion descriptor upload (HS_DESC UPLOADED)", deadline,
+                   lambda: address in self._uploaded, hs, pause=0.1)
+        self._say("onion descriptor uploaded")
+        self.wait_onion_reachable(self.onion, min(self.onion_ports), deadline=deadline)
+        self._say(f"onion reachable through SOCKS ({self.onion})")
+
+    def wait_onion_reachable(self, onion: str, vport: int, *, deadline: float) -> None:
+        """Retry a real SOCKS connect until it succeeds (0xF0 = the client has no descriptor
+        yet, or raced the upload to the other HSDirs: ask again after 1 s)."""
+        last: int | None = None
+
+        def attempt() -> bool:
+            nonlocal last
+            last = socks_probe(self.socks_extended, onion, vport,
+                               timeout=max(1.0, min(15.0, deadline - time.monotonic())))
+            return last == SOCKS_OK
+
+        while not attempt():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                client = self.node("client")
+                code = "no reply" if last is None else f"reply {last:#04x}"
+                raise BootError(f"SOCKS connect to {onion}:{vport} never succeeded ({code}); "
+                                f"is something listening on {self.onion_ports.get(vport)}?",
+                                client.name, client.log_tail())
+            time.sleep(1.0 if last == SOCKS_DESCRIPTOR_NOT_FOUND else 0.3)
+
+    # ---- more onion services
+
+    def add_onion(self, ports: Mapping[int, HostPort], timeout: float = 60.0,
+                  wait: bool = True) -> str:
+        """A new ephemeral v3 onion service (``ADD_ONION``) on the onion-service tor, mapping
+        virtual ports to loopback targets; returns ``<56>.onion`` once reachable (``wait``)."""
+        for vport, target in ports.items():
+            if not _is_loopback(target[0]):
+                raise UnsafeTorrc(f"onion port {vport}: target {target} is not loopback")
+        ctl = self._controllers.get("hs") or self._controller(self.node("hs"),
+                                                              time.monotonic() + 10)
+        spec = " ".join(f"Port={v},{hostport(t)}" for v, t in sorted(ports.items()))
+        reply = ctl.msg(f"ADD_ONION NEW:ED25519-V3 Flags=Detach,DiscardPK {spec}")
+        match = re.search(r"ServiceID=([a-z2-7]{56})", str(reply))
+        if not match:
+            raise TestnetError(f"ADD_ONION failed: {reply}")
+        onion = match.group(1) + ".onion"
+        if wait:
+            deadline = time.monotonic() + timeout
+            with self._uploaded_cv:
+                self._uploaded_cv.wait_for(lambda: match.group(1) in self._uploaded,
+                                           timeout=timeout)
+            self.wait_onion_reachable(onion, min(ports), deadline=deadline)
+        return onion
+
+    def remove_onion(self, onion: str) -> None:
+        ctl = self._controllers.get("hs")
+        if ctl is not None:
+            ctl.msg(f"DEL_ONION {onion.removesuffix('.onion')}")
+
+    def newnym(self) -> None:
+        """SIGNAL NEWNYM on the client: new circuits (measures cold connects)."""
+        ctl = self._controllers.get("client") or self._controller(self.node("client"),
+                                                                  time.monotonic() + 10)
+        ctl.msg("SIGNAL NEWNYM")
+
+    # ---- state, status, stop
+
+    def _write_state(self, ready: bool) -> None:
+        state = {"version": STATE_VERSION, "ready": ready, "owner_pid": self.owner_pid,
+                 "keeper_pid": self.keeper_pid, "nodes": {n.name: n.to_json() for n in self.nodes},
+                 "created": time.time(), **({"info": self.info()} if self.nodes else {})}
+        tmp = self.directory / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.directory / STATE_FILE)
+
+    def close_controllers(self) -> None:
+        for ctl in self._controllers.values():
+            try:
+                ctl.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._controllers.clear()
+
+    def stop_processes(self) -> None:
+        """SIGTERM our tors by pid (they exit at once: ShutdownWaitLength 0), then reap."""
+        self.close_controllers()
+        pids = [n.pid for n in self.nodes if n.pid]
+        _stop_pids(pids, self.directory)
+        for node in self.nodes:
+            if node.process is not None:
+                try:
+                    node.process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.keeper_pid:
+            _stop_pids([self.keeper_pid], self.directory)
+
+    def down(self, keep: bool = False) -> None:
+        self.stop_processes()
+        if not keep:
+            remove_directory(self.directory)
+
+    def rss_kib(self) -> dict[str, int]:
+        return {n.name: _rss_kib(n.pid) for n in self.nodes if n.pid}
+
+    def __enter__(self) -> PrivateNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+
+def _read_text(path: Path | str) -> str:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def read_state(directory: Path | str) -> dict:
+    """The state a network wrote; raises FileNotFoundError if there is none."""
+    return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def _state_pids(state: dict) -> list[int]:
+    pids = [n.get("pid") for n in state.get("nodes", {}).values()]
+    return [p for p in pids if isinstance(p, int)]
+
+
+def _ours(pid: int, directory: Path) -> bool:
+    """Guard against pid reuse: only processes whose command line names our directory."""
+    return str(directory) in _cmdline(pid)
+
+
+def _stop_pids(pids: list[int], directory: Path, timeout: float = 5.0) -> list[int]:
+    """SIGTERM, wait, SIGKILL what is left; only pids that are ours. Returns the pids signalled."""
+    mine = [p for p in pids if _pid_alive(p) and _ours(p, directory)]
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in mine):
+        _reap()
+        time.sleep(0.05)
+    for pid in mine:
+        if _pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _reap()
+    return mine
+
+
+def _reap() -> None:
+    """Collect exited children (tors started by this process) so they are not zombies."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def remove_directory(directory: Path | str) -> None:
+    """Remove a network directory, but only one that holds our state file."""
+    directory = Path(directory)
+    if (directory / STATE_FILE).exists():
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def status(directory: Path | str) -> dict:
+    """State plus liveness of each node (pid alive and still ours)."""
+    directory = Path(directory).absolute()
+    state = read_state(directory)
+    nodes = {}
+    for name, node in state.get("nodes", {}).items():
+        pid = node.get("pid")
+        alive = bool(pid) and _pid_alive(pid) and _ours(pid, directory)
+        nodes[name] = {"pid": pid, "running": alive, "rss_kib": _rss_kib(pid) if alive else 0}
+    keeper = state.get("keeper_pid")
+    return {
+        "dir": str(directory),
+        "ready": bool(state.get("ready")),
+        "running": bool(nodes) and all(n["running"] for n in nodes.values()),
+        "nodes": nodes,
+        "keeper": {"pid": keeper, "running": bool(keeper) and _pid_alive(keeper)
+                   and _ours(keeper, directory)} if keeper else None,
+        **state.get("info", {}),
+    }
+
+
+def down(directory: Path | str, keep: bool = False) -> list[int]:
+    """Stop exactly the processes recorded in ``directory`` (by pid); remove it unless keep."""
+    directory = Path(directory).absolute()
+    state = read_state(directory)
+    pids = _state_pids(state)
+    if state.get("keeper_pid"):
+        pids.append(state["keeper_pid"])
+    stopped = _stop_pids(pids, directory)
+    if not keep:
+        remove_directory(directory)
+    return stopped
