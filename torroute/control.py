@@ -125,7 +125,9 @@ class ControlEndpoint:
         return cls(host=host, port=port)
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path else f"inet:{format_hostport((self.host, self.port))}"
+        if self.path:
+            return f"unix:{self.path}"
+        return f"inet:{format_hostport((self.host, self.port))}"
 
 
 _TOKEN = re.compile(r'([A-Za-z_][\w-]*)=("(?:[^"\\]|\\.)*"|\S*)|("(?:[^"\\]|\\.)*"|\S+)')
@@ -665,7 +667,7 @@ def classify_rcpt_reply(reply: SmtpReply) -> str:
     reason, e.g. the probe domain does not resolve: relaying may still be allowed)."""
     if reply.code in (250, 251, 252):
         return "open"
-    text = reply.text.lower()
+    text = re.sub(r"<[^>]*>", "", reply.text.lower())  # our probe address says "relay" too
     enhanced = _ENHANCED.match(reply.text)
     if (enhanced and enhanced.group(2) == "7") or "relay" in text:
         return "closed"
