@@ -33,9 +33,13 @@ class ControlTor(TorProcess):
         return self.workdir / "control.sock"
 
     def torrc(self) -> str:
-        lines = super().torrc().splitlines()
+        extra, self.extra = self.extra, []  # filter the base lines only, never the extras
+        try:
+            lines = super().torrc().splitlines()
+        finally:
+            self.extra = extra
         drop = tuple(k.lower() for k in self.drop + (CLIENT_KEYS if self.bare else ()))
-        kept = [ln for ln in lines if ln.split(" ", 1)[0].lower() not in drop]
+        kept = [ln for ln in lines if ln.split(" ", 1)[0].lower() not in drop] + list(extra)
         if self.control_socket:
             kept.append(f"ControlSocket unix:{self.control_socket_path}")
         return "\n".join(kept) + "\n"

@@ -882,7 +882,7 @@ class Tor:
                 sock = stem.socket.ControlPort(endpoint.host, endpoint.port)
         except stem.SocketError as exc:
             raise _connect_error(endpoint, exc) from None
-        controller = stem.control.Controller(sock)
+        controller = _controller_class()(sock)
         controller.set_caching(False)  # we SETCONF behind stem's back; never read stale values
         try:
             _authenticate(controller, endpoint, password)
@@ -1302,6 +1302,25 @@ class _DescWatcher:
             f"tor did not upload the descriptor of {address} within {timeout:.0f}s "
             f"({uploads} uploads started, {failed} failed){why}.  The service exists and is "
             "published once tor is online", service)
+
+
+_CONTROLLER_CLASS: Any = None
+
+
+def _controller_class() -> Any:
+    """stem's Controller without TAKEOWNERSHIP: stem sends it when tor's
+    __OwningControllerProcess is our pid, and tor then exits when this connection closes.
+    torroute only visits tor; it must never own it."""
+    global _CONTROLLER_CLASS
+    if _CONTROLLER_CLASS is None:
+        import stem.control
+
+        class VisitingController(stem.control.Controller):
+            def _post_authentication(self) -> None:
+                stem.control.BaseController._post_authentication(self)
+
+        _CONTROLLER_CLASS = VisitingController
+    return _CONTROLLER_CLASS
 
 
 def _connect_error(endpoint: ControlEndpoint, exc: Exception) -> Exception:
