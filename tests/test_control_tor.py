@@ -32,7 +32,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")
 def config_for(t, **kw) -> Config:
     """torroute's view of a test tor: the plain SocksPort is torroute's, the other one (with
     ExtendedErrors) is 'the admin's extra SocksPort'."""
-    base = dict(tor_socks=t.socks_plain, tor_dns=t.dns, tor_control=f"inet:127.0.0.1:{t.control_port}")
+    base = dict(tor_socks=t.socks_plain, tor_dns=t.dns,
+                tor_control=f"inet:127.0.0.1:{t.control_port}")
     base.update(kw)
     return Config(**base)
 
