@@ -1,0 +1,122 @@
+"""``torroute deliver``: the Postfix pipe(8) delivery program (see torroute.deliver).
+
+Postfix bounces mail on any exit status but 0 and 75, so this command must never exit 64 (usage),
+78 (configuration) or 1 (a traceback): every failure of its own is printed as ``4.3.x ...`` and
+exits 75 (defer).  :func:`main` is a fast path that skips the other subcommands' modules
+(``cli.main`` can call it for ``argv[0] == "deliver"``); it imports only the standard library,
+torroute.config, torroute.deliver and torroute.smtp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+TEMPFAIL = 75
+DESCRIPTION = (
+    "Deliver one message (stdin) over SMTP to an onion MX through tor's SocksPort.  Meant for "
+    "a Postfix pipe(8) service: argv=/opt/torroute/bin/torroute deliver --sender=${sender} "
+    "--nexthop=${nexthop} -- ${recipient}.  Exit 0 delivered, 75 deferred, 69 bounced; stdout "
+    "starts with an enhanced status code (X.Y.Z) which Postfix prefers over the exit status."
+)
+
+
+def _defer_on_usage_error(parser: argparse.ArgumentParser) -> None:
+    """argparse exits 2 on a bad command line; for a pipe(8) program that would bounce mail."""
+
+    def error(message: str):
+        _report(f"4.3.5 {parser.prog}: {message} (check the master.cf argv)")
+        raise SystemExit(TEMPFAIL)  # cli.main passes any status but 2 through
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sender", required=True, metavar="ADDRESS",
+                   help="envelope sender, ${sender} (empty or MAILER-DAEMON: the null sender)")
+    p.add_argument("--nexthop", required=True, metavar="[ONION]:PORT",
+                   help="${nexthop}: [onion]:port, onion:port or onion (port 25)")
+    p.add_argument("--ehlo-name", dest="ehlo_name", metavar="NAME",
+                   help="EHLO name (default [deliver] ehlo_name, else 'localhost')")
+    p.add_argument("--starttls", choices=("no", "opportunistic", "required"),
+                   help="STARTTLS over the onion (default no)")
+    for flag, what in (("connect-timeout", "SOCKS connect through tor"),
+                       ("command-timeout", "each SMTP command reply"),
+                       ("data-timeout", "sending the message and its final reply"),
+                       ("time-limit", "the whole delivery")):
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=float, metavar="SECONDS",
+                       help=f"time limit for {what}")
+    p.add_argument("recipients", nargs="+", metavar="RECIPIENT", help="${recipient} (after --)")
+
+
+def register(subparsers, common) -> None:
+    p = subparsers.add_parser("deliver", parents=common, help="Postfix pipe(8) delivery over tor",
+                              description=DESCRIPTION)
+    add_arguments(p)
+    _defer_on_usage_error(p)
+    p.set_defaults(run=run, uses_config=False)  # run() loads it: a bad config must defer
+
+
+def run(args: argparse.Namespace, config=None) -> int:
+    """Entry from cli.main (config is loaded here, so its errors defer instead of exiting 78)."""
+    return execute(args)
+
+
+def _report(line: str) -> None:
+    out = sys.stdout
+    out.write(" ".join(line.split()) + "\n")
+    out.flush()
+
+
+def execute(args: argparse.Namespace) -> int:
+    """Read the message, deliver it, print the status line; never raises, never exits 1."""
+    try:
+        message = sys.stdin.buffer.read()  # first: Postfix must not see a broken pipe
+        from .config import load_config
+        from .deliver import DeliverSettings, Delivery, deliver
+        from .errors import ConfigError
+
+        try:
+            config = load_config(args.config, args)
+            settings = DeliverSettings.from_config(config, args)
+        except ConfigError as exc:
+            _report(f"4.3.5 torroute deliver: configuration error: {exc}")
+            return TEMPFAIL
+        outcome = deliver(Delivery(args.sender, args.nexthop, list(args.recipients)), message,
+                          settings)
+        _report(outcome.line())
+        return outcome.exit_code
+    except BaseException as exc:  # noqa: BLE001 - anything at all must defer, not bounce
+        try:
+            _report(f"4.3.0 torroute deliver: internal error: {type(exc).__name__}: {exc}")
+        except BaseException:  # noqa: BLE001 - stdout gone: the exit status still defers
+            pass
+        return TEMPFAIL
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torroute deliver ARGS`` without building the other subcommands' parsers."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        import warnings
+
+        warnings.simplefilter("ignore")  # stderr is merged into the status line Postfix reads
+        from .config import add_common_arguments
+
+        common = argparse.ArgumentParser(add_help=False)
+        add_common_arguments(common)
+        parser = argparse.ArgumentParser(prog="torroute deliver", parents=[common],
+                                         description=DESCRIPTION)
+        add_arguments(parser)
+        _defer_on_usage_error(parser)
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (75, already reported)
+        return exc.code if isinstance(exc.code, int) else 0
+    except BaseException as exc:  # noqa: BLE001
+        _report(f"4.3.0 torroute deliver: internal error: {type(exc).__name__}: {exc}")
+        return TEMPFAIL
+    return execute(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
