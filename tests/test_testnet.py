@@ -406,3 +406,19 @@ def test_cli_up_status_down_beside_the_session_network(testnet, onion_sink) -> N
     assert tn.status(testnet.net.directory)["running"]
     gone = torroute_cli("testnet", "status", "--dir", str(directory))
     assert gone.returncode == 1 and "no network" in gone.stderr
+
+
+@pytest.mark.testnet
+def test_demo_runs_end_to_end_and_cleans_up() -> None:
+    """The README's first command: its own network, two routed domains, two deliveries."""
+    before = set(Path("/tmp").glob("torroute-demo-*"))
+    proc = subprocess.run([sys.executable, "-m", "torroute.demo"], capture_output=True,
+                          text=True, timeout=120, cwd="/tmp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"\.onion:25\tfrom srv \(ttl 300s\)", out)
+    assert re.search(r"\.onion:25\tfrom map .*pins\.txt:2", out)
+    assert "no onion route for plain.test" in out
+    assert out.count("landed in") == 2
+    assert "Subject: hello alice@example.test over Tor" in out
+    assert set(Path("/tmp").glob("torroute-demo-*")) == before  # cleaned up
