@@ -29,6 +29,17 @@ def _defer_on_usage_error(parser: argparse.ArgumentParser) -> None:
         raise SystemExit(TEMPFAIL)  # cli.main passes any status but 2 through
 
     parser.error = error  # type: ignore[method-assign]
+    # as a subcommand, unknown options would reach the top-level parser (exit 2 -> 64): catch
+    # them here; the fast path (main) uses parse_args, which reports them through error()
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = parse_known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

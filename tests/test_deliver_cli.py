@@ -1,0 +1,296 @@
+"""`torroute deliver` as Postfix runs it (a process, message on stdin), without Postfix.
+
+Real tor (the lead's bridge-mode `tor`) for tor's own refusals and timeouts; a real aiosmtpd sink
+behind ``FakeSocksServer`` (a loopback SOCKS5 relay) for SMTP behaviour; ``FakeSmtpServer`` only
+for a reset in the middle of DATA and a server that never answers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+from email import message_from_bytes
+from pathlib import Path
+
+import pytest
+from fixtures_postfix import VENV_TORROUTE, SmtpSink
+from onions import ONION_A, ONION_B
+from realparts import free_port
+
+TORROUTE = str(VENV_TORROUTE)
+CLEAN_ENV = {"PATH": "/usr/bin:/bin"}  # what pipe(8) gives the program: no HOME
+MESSAGE = (b"From: Alice <alice@origin.test>\nTo: bob@example.test\nSubject: test\n"
+           b"Message-ID: <1@origin.test>\n\nline one\n.leading dot\n..two dots\n.\nend\n")
+
+
+def deliver(*args: str, stdin: bytes = MESSAGE, user: str | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    cmd = [TORROUTE, "deliver", *args]
+    if user:
+        cmd = ["/usr/sbin/runuser", "-u", user, "--", *cmd]
+    return subprocess.run(cmd, input=stdin, capture_output=True, env=CLEAN_ENV, cwd="/",
+                          timeout=timeout)
+
+
+def status(result: subprocess.CompletedProcess) -> tuple[int, str]:
+    """(exit status, first word of the output): what Postfix's pipe(8) acts on."""
+    out = result.stdout.decode() + result.stderr.decode()
+    return result.returncode, out.split(" ", 1)[0]
+
+
+def via(socks: tuple[str, int], *extra: str, onion: str = ONION_A, port: int = 25,
+        rcpts: tuple[str, ...] = ("bob@example.test",), sender: str = "alice@origin.test"
+        ) -> list[str]:
+    return [f"--tor-socks={socks[0]}:{socks[1]}", f"--sender={sender}",
+            f"--nexthop=[{onion}]:{port}", *extra, "--", *rcpts]
+
+
+@pytest.fixture
+def relay(fake_socks_factory, smtp_sink):
+    """FakeSocksServer -> real aiosmtpd sink."""
+    return fake_socks_factory(smtp_sink.address)
+
+
+# ---- delivered
+
+
+def test_delivers_through_socks_with_hostname_and_neutral_ehlo(relay, smtp_sink) -> None:
+    r = deliver(*via(relay.address))
+    assert status(r) == (0, "2.0.0"), r
+    [got] = smtp_sink.wait_for(1)
+    assert relay.requests == [(3, ONION_A, 25)]  # ATYP 3: the name went to tor, unresolved
+    assert smtp_sink.ehlo_names == ["localhost"]
+    assert socket.gethostname() not in r.stdout.decode() + "".join(smtp_sink.ehlo_names)
+    assert got.mail_from == "alice@origin.test" and got.rcpt_tos == ["bob@example.test"]
+    assert got.data == MESSAGE.replace(b"\n", b"\r\n")  # dot-stuffing undone by the server
+    assert message_from_bytes(got.data)["Message-ID"] == "<1@origin.test>"
+
+
+def test_runs_as_nobody_with_pipe_environment(relay, smtp_sink) -> None:
+    """pipe(8) runs the program as an unprivileged user, PATH=/usr/bin:/bin, no HOME."""
+    r = deliver(*via(relay.address), user="nobody")
+    assert status(r) == (0, "2.0.0"), r
+    assert len(smtp_sink.wait_for(1)) == 1
+
+
+def test_null_sender_and_ehlo_name_from_config(relay, smtp_sink, postfix_dir: Path) -> None:
+    cfg = postfix_dir / "t.toml"
+    cfg.write_text('[deliver]\nehlo_name = "abcdef.onion"\n')
+    r = deliver(f"--config={cfg}", *via(relay.address, sender=""))
+    assert status(r) == (0, "2.0.0"), r
+    [got] = smtp_sink.wait_for(1)
+    assert got.mail_from == "<>" and smtp_sink.ehlo_names == ["abcdef.onion"]
+
+
+def test_ten_megabytes_and_8bit_smtputf8(relay, smtp_sink) -> None:
+    big = b"Subject: big\n\n" + b"".join(b"%07d " % i + b"x" * 70 + b"\n" for i in range(134000))
+    assert len(big) > 10_000_000
+    r = deliver(*via(relay.address), stdin=big, timeout=120)
+    assert status(r) == (0, "2.0.0"), r
+    utf8 = "From: Ålice <ålice@örigin.test>\nSubject: grüße\n\nbody ü ✓\n".encode()
+    r = deliver(*via(relay.address, rcpts=("bøb@exämple.test",), sender="ålice@örigin.test"),
+                stdin=utf8)
+    assert status(r) == (0, "2.0.0"), r
+    first, second = smtp_sink.wait_for(2)
+    assert first.data == big.replace(b"\n", b"\r\n")
+    crlf_size = len(big.replace(b"\n", b"\r\n"))
+    assert f"SIZE={crlf_size}" in first.mail_options
+    assert second.data == utf8.replace(b"\n", b"\r\n")
+    assert second.rcpt_tos == ["bøb@exämple.test"] and second.mail_from == "ålice@örigin.test"
+    assert {"SMTPUTF8", "BODY=8BITMIME"} <= set(second.mail_options)
+
+
+# ---- remote answers
+
+
+def test_remote_550_bounces_with_remote_text(relay, smtp_sink) -> None:
+    smtp_sink.reject("bob@example.test", "550 5.1.1 <bob@example.test>: no such user here")
+    r = deliver(*via(relay.address))
+    assert status(r) == (69, "5.1.1"), r
+    assert b"no such user here" in r.stdout and not smtp_sink.messages
+
+
+def test_remote_451_defers(relay, smtp_sink) -> None:
+    smtp_sink.data_reply = "451 4.3.0 try again later"
+    r = deliver(*via(relay.address))
+    assert status(r) == (75, "4.3.0"), r
+    assert b"try again later" in r.stdout
+
+
+def test_multi_recipient_all_or_nothing(relay, smtp_sink) -> None:
+    rcpts = ("a@example.test", "b@example.test", "c@example.test")
+    smtp_sink.reject("b@example.test", "550 5.1.1 no b here")
+    r = deliver(*via(relay.address, rcpts=rcpts))
+    assert status(r) == (75, "4.5.3"), r
+    assert b"no b here" in r.stdout and b"recipient_limit" in r.stdout
+    smtp_sink.rcpt_replies.clear()
+    r = deliver(*via(relay.address, rcpts=rcpts))
+    assert status(r) == (0, "2.0.0"), r
+    [got] = smtp_sink.wait_for(1)  # the refused run delivered nothing
+    assert got.rcpt_tos == list(rcpts)
+
+
+def test_reset_in_the_middle_of_data_defers(fake_socks_factory, fake_smtp_factory) -> None:
+    server = fake_smtp_factory("reset-in-data")
+    r = deliver(*via(fake_socks_factory(server.address).address),
+                stdin=b"Subject: x\n\n" + b"y" * 200_000 + b"\n")
+    assert status(r) == (75, "4.4.2"), r
+    assert b"DATA" in server.received
+
+
+@pytest.mark.parametrize("mode", ["silent", "garbage"])
+def test_unresponsive_or_garbage_server_defers(fake_socks_factory, fake_smtp_factory,
+                                               mode: str) -> None:
+    server = fake_smtp_factory(mode)
+    r = deliver(*via(fake_socks_factory(server.address).address, "--command-timeout=1"))
+    assert status(r)[0] == 75 and status(r)[1] in ("4.4.2", "4.5.0"), r
+
+
+def test_time_limit_bounds_the_whole_run(fake_socks_factory, fake_smtp_factory) -> None:
+    server = fake_smtp_factory("silent")
+    r = deliver(*via(fake_socks_factory(server.address).address, "--time-limit=1.5"),
+                timeout=30)
+    assert status(r) == (75, "4.4.2"), r
+
+
+def test_starttls_opportunistic(fake_socks_factory, postfix_dir: Path) -> None:
+    import ssl
+
+    from aiosmtpd.controller import Controller
+
+    key, cert = postfix_dir / "key.pem", postfix_dir / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=sink.test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sink = SmtpSink()
+    from fixtures_postfix import _SinkHandler
+
+    handler = _SinkHandler(sink)
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                            require_starttls=True, server_hostname="sink.test")
+    controller.start()
+    try:
+        socks = fake_socks_factory(("127.0.0.1", port)).address
+        r = deliver(*via(socks))  # default: no STARTTLS; this server insists on it
+        assert status(r)[0] == 69 and b"STARTTLS" in r.stdout, r
+        assert not sink.messages
+        r = deliver(*via(socks, "--starttls=opportunistic"))
+        assert status(r) == (0, "2.0.0"), r
+        assert len(sink.wait_for(1)) == 1
+    finally:
+        controller.stop()
+
+
+# ---- tor's answers (real tor)
+
+
+def test_tor_socksport_down_defers() -> None:
+    r = deliver(*via(("127.0.0.1", free_port())))
+    assert status(r) == (75, "4.4.1"), r
+    assert b"SocksPort" in r.stdout and b"unreachable" in r.stdout
+
+
+def test_real_tor_invalid_onion_bounces_0xf6(tor) -> None:
+    bad = ONION_A[:10] + ("a" if ONION_A[10] != "a" else "b") + ONION_A[11:]  # bad checksum
+    r = deliver(*via(tor.socks, onion=bad))
+    assert status(r) == (69, "5.1.2"), r
+    assert b"0xf6" in r.stdout
+
+
+def test_real_tor_isolation_auth_is_accepted(tor, postfix_dir: Path) -> None:
+    cfg = postfix_dir / "iso.toml"
+    cfg.write_text("[deliver]\nisolate = true\n")
+    bad = ONION_B[:-12] + "aaaaaa" + ONION_B[-6:]
+    r = deliver(f"--config={cfg}", *via(tor.socks, onion=bad))
+    assert status(r) == (69, "5.1.2"), r  # tor got past SOCKS username/password to the name
+
+
+def test_real_tor_unreachable_onion_times_out_and_defers(tor) -> None:
+    """The bridge-mode tor never bootstraps: a valid onion cannot be reached -> defer."""
+    r = deliver(*via(tor.socks, "--connect-timeout=2"), timeout=60)
+    assert status(r) == (75, "4.4.1"), r
+
+
+@pytest.mark.parametrize("code", [0xF0, 0xF2, 0xF3, 0xF7])
+def test_tor_extended_temporary_errors_defer(fake_socks_factory, code: int) -> None:
+    socks = fake_socks_factory()
+    socks.reply = code
+    r = deliver(*via(socks.address))
+    assert status(r) == (75, "4.4.1"), r
+    assert f"{code:#04x}".encode() in r.stdout
+
+
+def test_tor_extended_0xf6_from_fake_bounces(fake_socks_factory) -> None:
+    socks = fake_socks_factory()
+    socks.reply = 0xF6
+    assert status(deliver(*via(socks.address))) == (69, "5.1.2")
+
+
+# ---- its own failures always defer, never bounce
+
+
+def test_non_onion_nexthop_defers(relay, smtp_sink) -> None:
+    r = deliver(f"--tor-socks={relay.address[0]}:{relay.address[1]}", "--sender=a@b.test",
+                "--nexthop=[mail.example.com]:25", "--", "bob@example.test")
+    assert status(r) == (75, "4.3.5"), r
+    assert relay.requests == []  # nothing dialled, not even through tor
+
+
+@pytest.mark.parametrize("args", [
+    ["--nexthop=x", "--", "r@x.test"],  # no --sender
+    ["--sender=a@b.test", "--nexthop=x"],  # no recipient
+    ["--sender=a@b.test", "--nexthop=x", "--bogus", "--", "r@x.test"],
+    ["--sender=a@b.test", "--nexthop=x", "--data-timeout=soon", "--", "r@x.test"],
+])
+@pytest.mark.parametrize("entry", ["torroute", "fast"])
+def test_usage_errors_defer(args: list[str], entry: str) -> None:
+    if entry == "torroute":
+        r = deliver(*args)
+    else:
+        r = subprocess.run([sys.executable, "-m", "torroute.cli_deliver", *args], input=b"",
+                           capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
+    assert status(r) == (75, "4.3.5"), r
+
+
+@pytest.mark.parametrize("toml", ['[deliver]\nbogus = 1\n', '[deliver]\nstarttls = "maybe"\n',
+                                  '[tor]\nsocks = "nonsense"\n', "not toml ["])
+def test_config_errors_defer(toml: str, postfix_dir: Path) -> None:
+    cfg = postfix_dir / "bad.toml"
+    cfg.write_text(toml)
+    r = deliver(f"--config={cfg}", *via(("127.0.0.1", 9)))
+    assert status(r) == (75, "4.3.5"), r
+
+
+def test_missing_config_file_defers(postfix_dir: Path) -> None:
+    r = deliver(f"--config={postfix_dir}/absent.toml", *via(("127.0.0.1", 9)))
+    assert status(r) == (75, "4.3.5"), r
+
+
+def test_internal_error_defers_without_traceback(monkeypatch, capsys) -> None:
+    import torroute.deliver
+    from torroute import cli_deliver
+
+    def explode(*args, **kwargs):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(torroute.deliver, "deliver", explode)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(MESSAGE)))
+    code = cli_deliver.main(["--sender=a@b.test", f"--nexthop={ONION_A}", "--", "r@x.test"])
+    out = capsys.readouterr()
+    assert code == 75
+    assert out.out.startswith("4.3.0 torroute deliver: internal error: KeyError")
+    assert "Traceback" not in out.out + out.err
+
+
+def test_program_is_reachable_by_nobody() -> None:
+    """The installed entry point and the code it imports are readable by pipe's user."""
+    r = subprocess.run(["/usr/sbin/runuser", "-u", "nobody", "--", TORROUTE, "deliver", "--help"],
+                       capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
+    assert r.returncode == 0 and b"--nexthop" in r.stdout, r
+    assert os.access(TORROUTE, os.X_OK)
