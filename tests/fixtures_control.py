@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from realparts import TOR, TorProcess, free_port, shared_tmpdir, wait_tcp
+from realparts import TOR, TorProcess, assert_loopback_only, free_port, shared_tmpdir, wait_tcp
 
 CLIENT_KEYS = ("DNSPort", "AutomapHostsOnResolve", "AutomapHostsSuffixes")
 
@@ -27,6 +27,7 @@ class ControlTor(TorProcess):
     bare: bool = False
     control_socket: bool = False
     drop: tuple[str, ...] = field(default_factory=tuple)
+    defaults: list[str] = field(default_factory=list)
 
     @property
     def control_socket_path(self) -> Path:
@@ -44,29 +45,31 @@ class ControlTor(TorProcess):
             kept.append(f"ControlSocket unix:{self.control_socket_path}")
         return "\n".join(kept) + "\n"
 
-    def start(self, timeout: float = 30.0) -> ControlTor:
-        # ensure's SAVECONF rewrites the torrc (a test may then restart from it): the base
-        # class would overwrite it, so only write it when missing
-        if self.torrc_path.exists():
-            from realparts import assert_loopback_only
+    @property
+    def defaults_path(self) -> Path:
+        return self.workdir / "defaults-torrc"
 
-            assert_loopback_only(self.torrc_path.read_text())
-            self.proc = subprocess.Popen(
-                [TOR, "-f", str(self.torrc_path), "--defaults-torrc", "/dev/null"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            try:
-                wait_tcp(self.control_port, timeout, self.proc, "tor")
-            except Exception as exc:
-                self.stop()
-                raise RuntimeError(f"tor failed to restart: {exc}\n{self.log_tail()}") from exc
-            return self
-        super().start(timeout)
-        if self.control_socket:
+    def start(self, timeout: float = 30.0) -> ControlTor:
+        """Start from ``torrc_path``, written only when missing: SAVECONF rewrites it and a
+        restart must use tor's rewritten file.  ``defaults`` go to a --defaults-torrc file, as
+        Debian's tor-service-defaults-torrc does."""
+        if not self.torrc_path.exists():
+            self.torrc_path.write_text(self.torrc())
+        self.defaults_path.write_text("".join(f"{ln}\n" for ln in self.defaults))
+        assert_loopback_only(self.defaults_path.read_text() + self.torrc_path.read_text())
+        self.proc = subprocess.Popen(
+            [TOR, "--defaults-torrc", str(self.defaults_path), "-f", str(self.torrc_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_tcp(self.control_port, timeout, self.proc, "tor")
             deadline = time.monotonic() + timeout
-            while not self.control_socket_path.exists():
+            while self.control_socket and not self.control_socket_path.exists():
                 if time.monotonic() > deadline:
-                    raise RuntimeError("tor made no control socket\n" + self.log_tail())
+                    raise TimeoutError("tor made no control socket")
                 time.sleep(0.02)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(f"tor failed to start: {exc}\n{self.log_tail()}") from exc
         return self
 
 

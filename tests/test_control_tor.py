@@ -300,3 +300,29 @@ def test_tor_refusals_are_reported(tor) -> None:
         assert not info.value.temporary
         with pytest.raises(OnionNotFound):
             ctl.remove_onion(ONION_A)
+
+
+def test_ensure_on_a_debian_like_tor_keeps_the_defaults_file_ports(control_tor_factory) -> None:
+    """Debian's SocksPorts come from --defaults-torrc (tor-service-defaults-torrc: a unix
+    socket and 9050).  GETCONF reports them, so ensure resends them; after SAVECONF they are in
+    torrc, because a SocksPort in torrc replaces all SocksPorts of the defaults file."""
+    t = control_tor_factory(start=False, bare=True, drop=("SocksPort",))
+    unix_socks = t.workdir / "socks"
+    t.defaults = [f"SocksPort unix:{unix_socks} WorldWritable",
+                  f"SocksPort 127.0.0.1:{t.socks_port}"]
+    t.start()
+    cfg = config_for(t)
+    with Tor.from_config(cfg) as tor:
+        assert tor.getconf_values("SocksPort") == [f"unix:{unix_socks} WorldWritable",
+                                                   f"127.0.0.1:{t.socks_port}"]
+        tor.ensure(cfg, save=True)
+    saved = t.torrc_path.read_text()
+    assert f"SocksPort unix:{unix_socks} WorldWritable" in saved
+    assert f"SocksPort 127.0.0.1:{t.socks_port} ExtendedErrors" in saved
+    t.restart()
+    with Tor.from_config(cfg) as tor:
+        assert tor.status(cfg).problems == []
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(unix_socks))
+        s.sendall(b"\x05\x01\x00")
+        assert s.recv(2) == b"\x05\x00"

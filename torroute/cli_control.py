@@ -122,8 +122,17 @@ def register(subparsers, common) -> None:
 
 
 def _connect(args: argparse.Namespace, config):
+    import logging
+
+    import stem.util.log  # noqa: F401  (it sets the level at import: set ours after)
+
     from .control import Tor
     from .errors import ConfigError
+
+    # stem sets its logger to TRACE, so its INFO chatter (e.g. after tor closed a connection)
+    # would pass torroute's WARNING level: quiet it unless -vv
+    logging.getLogger("stem").setLevel(
+        logging.DEBUG if getattr(args, "verbose", 0) >= 2 else logging.WARNING)
 
     password = config.tor_control_password
     if getattr(args, "tor_control_password_file", None):

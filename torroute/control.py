@@ -19,6 +19,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import pwd
 import queue
 import re
 import socket
@@ -1354,7 +1355,10 @@ def _group_hint(path: str) -> str:
         group = grp.getgrgid(st.st_gid).gr_name
     except (OSError, KeyError):
         return "run as root or as a member of tor's group (Debian: debian-tor)"
-    user = os.environ.get("USER") or str(os.getuid())
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
     return (f"it is {stat.filemode(st.st_mode)} group {group}: run as root or add this user to "
             f"that group (adduser {user} {group}, then log in again)")
 

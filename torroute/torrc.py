@@ -156,8 +156,9 @@ def render(*, socks: HostPort = ("127.0.0.1", 9050), dns: HostPort = ("127.0.0.1
             f"{virtual_network}",
             "# (Exim's socks_proxy and the automap lookups need them).  ExtendedErrors makes",
             "# the SocksPort say why an onion failed (not found, invalid address, ...).",
-            "# Already have a SocksPort for other programs?  Keep it: SocksPort may appear",
-            "# several times.",
+            "# A SocksPort line in torrc replaces every SocksPort of the defaults file: on",
+            "# Debian also keep 'SocksPort unix:/run/tor/socks WorldWritable' if anything uses",
+            "# it, and any SocksPort other programs use (SocksPort may appear several times).",
             *client_lines(socks, dns, virtual_network),
         ]
     ports = list(onion_ports)
