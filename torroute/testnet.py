@@ -1024,7 +1024,7 @@ def _stop_pids(pids: list[int], directory: Path, timeout: float = 5.0) -> list[i
             pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(_pid_alive(p) for p in mine):
-        _reap()
+        _reap(mine)
         time.sleep(0.05)
     for pid in mine:
         if _pid_alive(pid):
@@ -1032,19 +1032,18 @@ def _stop_pids(pids: list[int], directory: Path, timeout: float = 5.0) -> list[i
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    _reap()
+    _reap(mine)
     return mine
 
 
-def _reap() -> None:
-    """Collect exited children (tors started by this process) so they are not zombies."""
-    while True:
+def _reap(pids: Iterable[int]) -> None:
+    """Collect these pids if they are exited children of ours (never other fixtures' children:
+    ``waitpid(-1)`` would steal their exit statuses)."""
+    for pid in pids:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            pass
 
 
 def remove_directory(directory: Path | str) -> None:
