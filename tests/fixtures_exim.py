@@ -55,6 +55,9 @@ acl_smtp_rcpt = acl_rcpt
 
 begin acl
 acl_rcpt:
+  # routes the recipient in the receiving process, which runs as Debian-exim: proves that
+  # user can reach the torroute socket, and that a routing deferral answers 451 at RCPT
+  require verify = recipient
   accept hosts = 127.0.0.1
   deny message = relay not permitted
 
@@ -103,6 +106,7 @@ class EximInstance:
     smtp_port: int
     clear_port: int
     daemon: subprocess.Popen | None = field(default=None, repr=False)
+    last_transcript: str = field(default="", repr=False)
 
     # -- running exim ----------------------------------------------------------------------
     def run(self, *args: str, input: str | None = None,
@@ -118,7 +122,7 @@ class EximInstance:
         return self.run("-be", text)
 
     def submit(self, rcpt: str, sender: str = "alice@local.test", subject: str = "torroute",
-               headers: str = "", body: str = "hello over tor\n") -> str:
+               headers: str = "", body: str = "hello over tor\n", verbose: bool = False) -> str:
         """Submit locally with immediate delivery (``-odi``); returns the Exim message id.
 
         ``-odi`` exits 0 even when delivery was deferred: look at the mainlog, the queue or
@@ -126,8 +130,9 @@ class EximInstance:
         """
         text = (f"From: {sender}\nTo: {rcpt}\nSubject: {subject}\n{headers}\n{body}")
         before = set(self.message_ids())
-        r = self.run("-odi", "-f", sender, rcpt, input=text)
+        r = self.run("-odi", *(["-v"] if verbose else []), "-f", sender, rcpt, input=text)
         assert r.returncode == 0, r.stderr
+        self.last_transcript = r.stdout + r.stderr  # with verbose: the SMTP dialogue
         ids = [m for m in self.message_ids(sender) if m not in before]
         assert ids, f"no message id for {rcpt} in the mainlog:\n{self.mainlog()}"
         return ids[0]
