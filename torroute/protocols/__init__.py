@@ -24,6 +24,7 @@ __all__ = [
     "check_value",
     "postfix_value",
     "POSTFIX_ANSWER_PRESETS",
+    "POSTFIX_REJECT",
     "DEFAULT_MAX_REQUEST",
 ]
 
@@ -94,6 +95,10 @@ def check_value(value: str) -> str:
         raise ProtocolError(f"unsafe route value {value!r}")
     return value
 
+
+#: Postfix's answer for an invalid ``.onion`` recipient: the error(8) transport bounces it.
+#: A constant: it is never built from request text.
+POSTFIX_REJECT = "error:5.1.2 invalid .onion address"
 
 #: Named Postfix answer templates (``[serve] postfix_answer`` may name one or give a template).
 POSTFIX_ANSWER_PRESETS = {

@@ -11,6 +11,7 @@ Exim sends one and half-closes)::
                         (manualroute ``route_data`` syntax, for a smtp transport with socks_proxy)
     <empty line>        no onion route: the router declines, the next router (dnslookup) runs
     temp <reason>       temporary failure: Exim must defer (never deliver in the clear)
+    fail <reason>       the destination can never be routed (an invalid .onion): bounce
     error <reason>      malformed request: treated like temp by the documented router text
 
 Why these forms: a readsocket expansion that fails (daemon down) defers, an empty value makes
@@ -31,6 +32,7 @@ __all__ = [
     "found",
     "notfound",
     "temp",
+    "fail",
     "error",
     "parse_answer",
 ]
@@ -66,18 +68,23 @@ def temp(reason: object) -> bytes:
     return b"temp " + sanitize_reason(reason).encode("ascii") + b"\n"
 
 
+def fail(reason: object) -> bytes:
+    """``fail <reason>``: an invalid .onion destination; the router text turns it into :fail:."""
+    return b"fail " + sanitize_reason(reason).encode("ascii") + b"\n"
+
+
 def error(reason: object) -> bytes:
     """``error <reason>``: a malformed request (defers too)."""
     return b"error " + sanitize_reason(reason).encode("ascii") + b"\n"
 
 
 def parse_answer(line: bytes) -> tuple[str, str]:
-    """(kind, text) for an answer line: ``found``/``notfound``/``temp``/``error``; for tests."""
+    """(kind, text) for an answer line: found/notfound/temp/fail/error; for tests."""
     line = line.rstrip(b"\n")
     if not line:
         return "notfound", ""
     kind, sep, text = line.partition(b" ")
-    if kind in (b"temp", b"error") and sep:
+    if kind in (b"temp", b"error", b"fail") and sep:
         return kind.decode(), text.decode("ascii", "replace")
     host, sep, port = line.partition(b"::")
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from . import (
     DEFAULT_MAX_REQUEST,
+    POSTFIX_REJECT,
     Event,
     Lookup,
     Malformed,
@@ -24,6 +25,7 @@ __all__ = [
     "encode_request",
     "found",
     "notfound",
+    "reject",
     "temp",
     "perm",
     "parse_reply",
@@ -87,6 +89,11 @@ def found(value: str) -> bytes:
         return _reply(b"OK " + check_value(value).encode("ascii"))
     except ProtocolError as exc:
         raise NetstringError(str(exc)) from None
+
+
+def reject() -> bytes:
+    """``OK error:5.1.2 ...``: an invalid .onion recipient bounces (never the default route)."""
+    return _reply(b"OK " + POSTFIX_REJECT.encode("ascii"))
 
 
 def notfound() -> bytes:

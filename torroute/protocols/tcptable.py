@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import (
     DEFAULT_MAX_REQUEST,
+    POSTFIX_REJECT,
     Event,
     Lookup,
     Malformed,
@@ -26,6 +27,7 @@ __all__ = [
     "encode_put",
     "found",
     "notfound",
+    "reject",
     "temp",
     "parse_reply",
 ]
@@ -100,6 +102,11 @@ def found(value: str) -> bytes:
         return _reply(b"200", check_value(value).encode("ascii"))
     except ProtocolError as exc:
         raise TcpTableError(str(exc)) from None
+
+
+def reject() -> bytes:
+    """``200 error:5.1.2 ...``: an invalid .onion recipient bounces (never the default route)."""
+    return _reply(b"200", POSTFIX_REJECT.encode("ascii"))
 
 
 def notfound(text: object = "not found") -> bytes:

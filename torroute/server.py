@@ -1,0 +1,636 @@
+"""The lookup daemon: socketmap, tcp_table and Exim listeners in one asyncio process.
+
+One event loop serves every connection (Postfix keeps its map connections open for a long
+time), so there is no process or thread per connection.  Answers that need no I/O (pins, local
+domains, cached SRV decisions) are written straight from ``data_received``; anything that needs
+DNS or tor goes to one small task per connection, which keeps answers in request order.
+Concurrent lookups of one domain share a single DNS query (``Router.aroute``).
+
+Fail closed: every failure that is not a definite "no route" answers TEMP / 400 / ``temp``, so
+the MTA defers instead of using its default (clear-net) transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import grp
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .automap import aresolve_automap
+from .config import Config, normalize_domain
+from .errors import ConfigError, TorrouteError
+from .protocols import (
+    DEFAULT_MAX_REQUEST,
+    Lookup,
+    Malformed,
+    ProtocolError,
+    check_template,
+    eximline,
+    postfix_value,
+    sanitize_reason,
+    socketmap,
+    tcptable,
+)
+from .routing import (
+    Decision,
+    NoRoute,
+    Reject,
+    Route,
+    Router,
+    TempFail,
+    decide_static,
+    destination_domain,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("socketmap", "tcp_table", "exim")
+
+# -- settings ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Endpoint:
+    """``inet:HOST:PORT`` or ``unix:PATH``."""
+
+    family: str  # "inet" | "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        kind, sep, rest = str(text).partition(":")
+        if kind == "unix" and sep and rest.startswith("/"):
+            return cls("unix", path=rest)
+        if kind == "inet" and sep:
+            host, sep2, port = rest.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if sep2 and host and port.isdigit() and 0 < int(port) < 65536:
+                return cls("inet", host=host, port=int(port))
+        raise ConfigError(f"listener {text!r}: expected inet:HOST:PORT or unix:/ABSOLUTE/PATH")
+
+    def is_loopback(self) -> bool:
+        if self.family == "unix":
+            return True
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: it could resolve to anything
+
+    def __str__(self) -> str:
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"inet:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The ``[serve]`` table (see contrib/torroute.toml), with command-line overrides."""
+
+    listeners: dict[str, tuple[Endpoint, ...]] = field(default_factory=dict)
+    allow_remote: bool = False
+    socket_mode: int = 0o660
+    socket_group: str | None = None
+    transport: str = "torroute"
+    postfix_answer: str = "{transport}:[{onion}]:{port}"
+    max_request: int = DEFAULT_MAX_REQUEST
+    automap_timeout: float = 2.0
+    drain_timeout: float = 10.0
+    max_connections: int = 4096
+    log_decisions: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, args: Any = None) -> ServeSettings:
+        table = dict(config.section("serve"))
+        where = f"{config.path or 'config'}: serve"
+        known = {
+            "socketmap", "tcp_table", "exim", "allow_remote", "socket_mode", "socket_group",
+            "transport", "postfix_answer", "max_request", "automap_timeout", "drain_timeout",
+            "max_connections", "log_decisions",
+        }  # fmt: skip
+        unknown = set(table) - known
+        if unknown:
+            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+        listeners: dict[str, tuple[Endpoint, ...]] = {}
+        for kind in KINDS:
+            value = table.get(kind, [])
+            value = [value] if isinstance(value, str) else value
+            flag = getattr(args, kind, None) if args is not None else None
+            if flag:  # command-line listeners of a kind replace the file's
+                value = flag
+            listeners[kind] = tuple(Endpoint.parse(v) for v in value)
+        try:
+            mode = table.get("socket_mode", "0660")
+            mode = int(mode, 8) if isinstance(mode, str) else int(mode)
+            settings = cls(
+                listeners=listeners,
+                allow_remote=_bool(table.get("allow_remote", False), "allow_remote"),
+                socket_mode=mode,
+                socket_group=table.get("socket_group") or None,
+                transport=str(table.get("transport", "torroute")),
+                postfix_answer=check_template(str(table.get("postfix_answer", "torroute"))),
+                max_request=int(table.get("max_request", DEFAULT_MAX_REQUEST)),
+                automap_timeout=float(table.get("automap_timeout", 2.0)),
+                drain_timeout=float(table.get("drain_timeout", 10.0)),
+                max_connections=int(table.get("max_connections", 4096)),
+                log_decisions=_bool(table.get("log_decisions", True), "log_decisions"),
+            )
+        except (TypeError, ValueError, ProtocolError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        overrides: dict[str, Any] = {}
+        if args is not None:
+            if getattr(args, "allow_remote", None):
+                overrides["allow_remote"] = True
+            for name in ("transport", "socket_group"):
+                if getattr(args, name, None):
+                    overrides[name] = getattr(args, name)
+            if getattr(args, "postfix_answer", None):
+                try:
+                    overrides["postfix_answer"] = check_template(args.postfix_answer)
+                except ProtocolError as exc:
+                    raise ConfigError(f"--postfix-answer: {exc}") from None
+            if getattr(args, "socket_mode", None):
+                overrides["socket_mode"] = int(args.socket_mode, 8)
+        settings = replace(settings, **overrides)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 <= self.socket_mode <= 0o777:
+            raise ConfigError(f"socket_mode {oct(self.socket_mode)} out of range")
+        if not 64 <= self.max_request <= 1 << 20:
+            raise ConfigError("max_request must be between 64 and 1048576")
+        if self.automap_timeout <= 0 or self.drain_timeout < 0 or self.max_connections < 1:
+            raise ConfigError("automap_timeout, drain_timeout and max_connections must be positive")
+        try:
+            postfix_value(self.postfix_answer, self.transport, "a" * 56 + ".onion", 25)
+        except ProtocolError as exc:
+            raise ConfigError(f"transport {self.transport!r}: {exc}") from None
+        if not self.allow_remote:
+            for kind, endpoints in self.listeners.items():
+                for ep in endpoints:
+                    if not ep.is_loopback():
+                        raise ConfigError(
+                            f"{kind} listener {ep} is not a loopback address: lookups are "
+                            "unauthenticated; pass --allow-remote (allow_remote = true) if you "
+                            "really mean it"
+                        )
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}: expected true or false")
+    return value
+
+
+# -- per-protocol answers --------------------------------------------------------------------
+class _Protocol:
+    """How one wire protocol turns decisions into reply bytes."""
+
+    name = ""
+
+    def __init__(self, daemon: LookupDaemon) -> None:
+        self.daemon = daemon
+
+    def parser(self, max_request: int):
+        raise NotImplementedError
+
+    def answer_now(self, decision: Decision) -> bytes | None:
+        """Reply bytes if no I/O is needed, else None (then :meth:`answer` is awaited)."""
+        raise NotImplementedError
+
+    async def answer(self, decision: Decision) -> tuple[bytes, str]:
+        reply = self.answer_now(decision)
+        assert reply is not None
+        return reply, ""
+
+    def temp(self, reason: str) -> bytes:
+        raise NotImplementedError
+
+
+class _Postfix(_Protocol):
+    codec: Any = None
+
+    def answer_now(self, decision: Decision) -> bytes:
+        codec = self.codec
+        if isinstance(decision, Route):
+            s = self.daemon.settings
+            try:
+                value = postfix_value(s.postfix_answer, s.transport, decision.onion, decision.port)
+            except ProtocolError as exc:  # cannot happen for validated routes: defer anyway
+                return codec.temp(f"unusable route: {exc}")
+            return codec.found(value)
+        if isinstance(decision, NoRoute):
+            return codec.notfound()
+        if isinstance(decision, Reject):
+            return codec.reject()
+        return codec.temp(decision.reason)
+
+    def temp(self, reason: str) -> bytes:
+        return self.codec.temp(reason)
+
+
+class _Socketmap(_Postfix):
+    name = "socketmap"
+    codec = socketmap
+
+    def parser(self, max_request: int) -> socketmap.SocketmapParser:
+        return socketmap.SocketmapParser(max_request)
+
+
+class _TcpTable(_Postfix):
+    name = "tcp_table"
+    codec = tcptable
+
+    def parser(self, max_request: int) -> tcptable.TcpTableParser:
+        return tcptable.TcpTableParser(max_request)
+
+
+class _Exim(_Protocol):
+    name = "exim"
+
+    def parser(self, max_request: int) -> eximline.EximLineParser:
+        return eximline.EximLineParser(max_request)
+
+    def answer_now(self, decision: Decision) -> bytes | None:
+        if isinstance(decision, Route):
+            return None  # the automap address must come fresh from tor's DNSPort
+        if isinstance(decision, NoRoute):
+            return eximline.notfound()
+        if isinstance(decision, Reject):
+            return eximline.fail(decision.reason)
+        return eximline.temp(decision.reason)
+
+    async def answer(self, decision: Decision) -> tuple[bytes, str]:
+        if not isinstance(decision, Route):
+            return await super().answer(decision)
+        config = self.daemon.router.config
+        try:
+            ip = await aresolve_automap(
+                decision.onion,
+                config.tor_dns,
+                self.daemon.settings.automap_timeout,
+                config.virtual_network,
+            )
+        except TorrouteError as exc:  # tor down, automap off: defer
+            return eximline.temp(f"automap: {exc}"), f"automap failed: {exc}"
+        return eximline.found(ip, decision.port), f"via {ip}"
+
+    def temp(self, reason: str) -> bytes:
+        return eximline.temp(reason)
+
+
+# -- connections -----------------------------------------------------------------------------
+class _Connection(asyncio.Protocol):
+    """One client connection; replies leave in request order."""
+
+    def __init__(self, daemon: LookupDaemon, proto: _Protocol) -> None:
+        self.daemon = daemon
+        self.proto = proto
+        self.parser = proto.parser(daemon.settings.max_request)
+        self.transport: asyncio.Transport | None = None
+        self.backlog: collections.deque[Lookup | Malformed] = collections.deque()
+        self.worker: asyncio.Task | None = None
+        self.eof = False
+        self.closing = False
+        self.paused = False
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        daemon = self.daemon
+        if len(daemon.connections) >= daemon.settings.max_connections or daemon.stopping:
+            log.warning("%s: refusing connection (%d open, stopping=%s)", self.proto.name,
+                        len(daemon.connections), daemon.stopping)
+            transport.close()
+            self.closing = True
+            return
+        daemon.connections.add(self)
+        log.debug("%s: connection opened (%d open)", self.proto.name, len(daemon.connections))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.daemon.connections.discard(self)
+        log.debug("%s: connection closed", self.proto.name)
+        if self.worker is not None and not self.worker.done():
+            self.worker.cancel()
+        self.daemon._connection_gone()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._handle(self.parser.feed(data))
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        events = self.parser.eof()
+        if events:
+            self._handle(events)
+        self._maybe_finish()
+        return True  # keep our side open until the answers are written
+
+    def pause_writing(self) -> None:  # the client does not read: stop reading its requests
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+
+    # work
+    def _handle(self, events: list) -> None:
+        daemon = self.daemon
+        transport = self.transport
+        for ev in events:
+            if self.closing:
+                return
+            if self.backlog:
+                self.backlog.append(ev)
+                continue
+            if ev.__class__ is Malformed:
+                self._malformed(ev)
+                continue
+            started = time.perf_counter()
+            try:
+                decision = daemon.quick_decision(ev.key)
+                reply = None if decision is None else self.proto.answer_now(decision)
+            except Exception:  # the slow path turns any failure into a temp answer
+                decision = reply = None
+            if reply is None:
+                self.backlog.append(ev)
+                continue
+            transport.write(reply)
+            if daemon.log_decisions:
+                daemon.log_decision(self.proto.name, ev, decision, started, "")
+        if self.backlog and self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    def _malformed(self, ev: Malformed) -> None:
+        self.daemon.malformed += 1
+        log.debug("%s: malformed request (%s)", self.proto.name, ev.reason)
+        self.transport.write(ev.reply)
+        if ev.close:
+            self.closing = True
+            self.transport.close()
+
+    async def _work(self) -> None:
+        try:
+            while self.backlog and not self.closing:
+                if len(self.backlog) > 64 and not self.paused:
+                    self.transport.pause_reading()
+                ev = self.backlog.popleft()
+                if ev.__class__ is Malformed:
+                    self._malformed(ev)
+                    continue
+                started = time.perf_counter()
+                try:
+                    decision = await self.daemon.router.aroute(ev.key)
+                    reply, note = await self.proto.answer(decision)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # never crash a connection: defer this lookup
+                    log.exception("%s: lookup of %r failed", self.proto.name, ev.key[:300])
+                    decision = TempFail(ev.key[:300], f"internal error: {type(exc).__name__}")
+                    reply, note = self.proto.temp(decision.reason), ""
+                if self.closing:
+                    return
+                self.transport.write(reply)
+                if self.daemon.log_decisions:
+                    self.daemon.log_decision(self.proto.name, ev, decision, started, note)
+            if not self.paused and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+        finally:
+            self.worker = None
+            self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        """Close after the last answer once the client half-closed or the daemon stops."""
+        if self.closing or self.backlog or self.worker is not None:
+            return
+        if self.eof or self.daemon.stopping:
+            self.closing = True
+            if self.transport is not None:
+                self.transport.close()
+
+    def idle(self) -> bool:
+        return not self.backlog and self.worker is None
+
+
+# -- the daemon ----------------------------------------------------------------------------
+class LookupDaemon:
+    """Listeners + router.  ``await start()``, then ``reload()`` / ``await stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        settings: ServeSettings | None = None,
+        router: Router | None = None,
+        reload_config: Callable[[], Config] | None = None,
+        args: Any = None,
+    ) -> None:
+        self.settings = settings or ServeSettings.from_config(config)
+        self.router = router or Router.from_config(config)
+        self.reload_config = reload_config
+        self.args = args
+        self._inodes: dict[str, int] = {}
+        self.log_decisions = self.settings.log_decisions and log.isEnabledFor(logging.INFO)
+        self.connections: set[_Connection] = set()
+        self.servers: list[tuple[str, Endpoint, asyncio.base_events.Server]] = []
+        self.stopping = False
+        self.malformed = 0
+        self._all_gone: asyncio.Event | None = None
+
+    # decisions
+    def quick_decision(self, key: str) -> Decision | None:
+        """The decision if it needs no I/O (static or cached), else None."""
+        if key == "*":  # Postfix probes transport_maps with '*' at start: never a default
+            return NoRoute("*", "wildcard probe")
+        router = self.router
+        domain = destination_domain(key)
+        static = decide_static(domain, router.config, router.pins)
+        if static is not None:
+            return static
+        hit = router.cache.get(normalize_domain(domain))
+        return hit[0] if hit is not None else None
+
+    def log_decision(self, proto: str, ev: Lookup, decision: Decision, started: float,
+                     note: str) -> None:
+        ms = (time.perf_counter() - started) * 1000
+        domain = sanitize_reason(decision.domain, 260)
+        if isinstance(decision, Route):
+            detail = f"route={decision.onion}:{decision.port} source={decision.source!r}"
+        else:
+            detail = f"reason={sanitize_reason(decision.reason)!r}"
+        log.info("decision proto=%s domain=%s result=%s %s%s ms=%.2f", proto, domain,
+                 decision.kind, detail, f" note={sanitize_reason(note)!r}" if note else "", ms)
+
+    # listeners
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        protos = {"socketmap": _Socketmap, "tcp_table": _TcpTable, "exim": _Exim}
+        if not any(self.settings.listeners.values()):
+            raise ConfigError("no listeners: give --socketmap, --tcp-table or --exim "
+                              "(or [serve] socketmap/tcp_table/exim)")
+        try:
+            for kind, endpoints in self.settings.listeners.items():
+                for ep in endpoints:
+                    proto = protos[kind](self)
+
+                    def factory(proto: _Protocol = proto) -> _Connection:
+                        return _Connection(self, proto)
+
+                    if ep.family == "unix":
+                        server = await self._unix_server(loop, factory, ep)
+                    else:
+                        server = await loop.create_server(factory, ep.host, ep.port,
+                                                          reuse_address=True, backlog=1024)
+                    self.servers.append((kind, ep, server))
+                    log.info("listening: %s on %s", kind, self.bound(kind, ep))
+        except BaseException:
+            await self.stop(drain=False)
+            raise
+
+    def bound(self, kind: str, ep: Endpoint) -> Endpoint:
+        """The endpoint actually bound (the port chosen when 0 was asked for)."""
+        for k, e, server in self.servers:
+            if k == kind and e == ep and e.family == "inet" and server.sockets:
+                host, port = server.sockets[0].getsockname()[:2]
+                return Endpoint("inet", host=host, port=port)
+        return ep
+
+    async def _unix_server(self, loop, factory, ep: Endpoint):
+        path = Path(ep.path)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a previous run
+            else:
+                raise ConfigError(f"{path}: another daemon is listening there")
+            finally:
+                probe.close()
+        group = self.settings.socket_group
+        gid = -1
+        if group:
+            try:
+                gid = grp.getgrnam(group).gr_gid
+            except KeyError:
+                raise ConfigError(f"socket_group {group!r}: no such group") from None
+        old = os.umask(0o177)  # never world-accessible, not even for an instant
+        try:
+            server = await loop.create_unix_server(factory, str(path), backlog=1024)
+        finally:
+            os.umask(old)
+        if gid != -1:
+            os.chown(path, -1, gid)
+        os.chmod(path, self.settings.socket_mode)
+        self._inodes[str(path)] = path.stat().st_ino
+        return server
+
+    # lifecycle
+    def reload(self) -> bool:
+        """Re-read config and maps; on any error keep serving with the old ones."""
+        if self.reload_config is None:
+            log.warning("reload requested, but no configuration source")
+            return False
+        try:
+            config = self.reload_config()
+            settings = ServeSettings.from_config(config, self.args)
+            self.router.reload(config)
+        except Exception as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return False
+        # listeners stay as they are (restart the daemon to change them)
+        self.settings = replace(settings, listeners=self.settings.listeners)
+        self.log_decisions = self.settings.log_decisions and log.isEnabledFor(logging.INFO)
+        log.warning("reloaded configuration: %d pinned domains", len(self.router.pins))
+        return True
+
+    def _connection_gone(self) -> None:
+        if self._all_gone is not None and not self.connections:
+            self._all_gone.set()
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting, let in-flight lookups answer (up to drain_timeout), then close."""
+        self.stopping = True
+        for _kind, _ep, server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn._maybe_finish()  # idle connections close now, busy ones after their answer
+        if drain and self.connections:
+            self._all_gone = asyncio.Event()
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), self.settings.drain_timeout)
+            except TimeoutError:
+                log.warning("drain timeout: closing %d busy connections", len(self.connections))
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for _kind, ep, server in self.servers:
+            await server.wait_closed()
+            if ep.family == "unix":  # only our own socket, not a successor's
+                try:
+                    if os.stat(ep.path).st_ino == self._inodes.get(ep.path):
+                        os.unlink(ep.path)
+                except FileNotFoundError:
+                    pass
+        self.servers.clear()
+
+
+async def run_daemon(daemon: LookupDaemon, ready: Callable[[], None] | None = None) -> None:
+    """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), drain, return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    await daemon.start()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def on_hup() -> None:
+        sd_notify("RELOADING=1")
+        daemon.reload()
+        sd_notify("READY=1")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sd_notify("READY=1")
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        sd_notify("STOPPING=1")
+        log.warning("stopping: draining %d connections", len(daemon.connections))
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await daemon.stop()
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
