@@ -18,6 +18,7 @@ from torroute.control import (
     ControlError,
     DescriptorTimeout,
     OnionNotFound,
+    SaveConfError,
     Tor,
     TorRefused,
     key_file_address,
@@ -326,3 +327,24 @@ def test_ensure_on_a_debian_like_tor_keeps_the_defaults_file_ports(control_tor_f
         s.connect(str(unix_socks))
         s.sendall(b"\x05\x01\x00")
         assert s.recv(2) == b"\x05\x00"
+
+
+def test_no_saveconf_over_an_include(control_tor_factory) -> None:
+    """tor refuses SAVECONF for a torrc with %include only until the first SETCONF; after it,
+    SAVECONF copies the included files into torrc and drops the %include.  torroute refuses."""
+    t = control_tor_factory(start=False, bare=True)
+    included = t.workdir / "torrc.d.conf"
+    included.write_text("AutomapHostsSuffixes .onion,.exit\n")
+    t.torrc_path.write_text(t.torrc() + f"%include {included}\n")
+    t.start()
+    original = t.torrc_path.read_text()
+    cfg = config_for(t)
+    with Tor.from_config(cfg) as tor:
+        with pytest.raises(SaveConfError, match="uses %include"):
+            tor.ensure(cfg, save=True)
+        assert tor.status(cfg).problems == []  # applied, only not saved
+        with pytest.raises(SaveConfError) as info:
+            tor.create_onion(["25"], directory=t.workdir / "hs", wait=False)
+        assert "runs now" in str(info.value)
+        assert f"HiddenServiceDir {t.workdir / 'hs'}" in str(info.value)
+    assert t.torrc_path.read_text() == original

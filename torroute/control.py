@@ -954,7 +954,19 @@ class Tor:
     def save(self) -> None:
         """SAVECONF: tor rewrites its torrc (comments are lost; tor keeps the old file as
         ``torrc.orig.1``).  Fails where tor may not write its torrc (Debian: /etc/tor/torrc is
-        root's, and AppArmor forbids it)."""
+        root's, and AppArmor forbids it).  Refused when torrc uses %include: tor 0.4.9 refuses
+        SAVECONF then, but only until the first SETCONF; after one it copies the included files
+        into torrc and drops the %include line."""
+        path = self._getinfo_or("config-file", "")
+        try:
+            text = Path(path).read_text(errors="replace") if path else ""
+        except OSError:
+            text = ""
+        if any(line.strip().lower().startswith("%include") for line in text.splitlines()):
+            raise SaveConfError(
+                f"not saving: {path} uses %include, and tor's SAVECONF would copy the included "
+                "files into it and drop the %include line.  The change is active but lost when "
+                "tor restarts: add the lines of 'torroute torrc' to a file it includes")
         try:
             self.command("SAVECONF")
         except TorRefused as exc:
@@ -1146,7 +1158,14 @@ class Tor:
             address, note = None, str(exc)
         service = OnionService(address, mappings, directory, changed=changed, note=note)
         if save and changed:
-            self.save()
+            try:
+                self.save()
+            except SaveConfError as exc:
+                from .torrc import onion_service_lines
+
+                lines = "\n  ".join(onion_service_lines(directory, mappings))
+                raise SaveConfError(f"the onion service {address or directory} runs now, but "
+                                    f"{exc}.  The torrc lines:\n  {lines}") from None
         return service
 
     def _create_ephemeral(self, mappings: list[PortMapping],
