@@ -1,0 +1,77 @@
+"""The daemon in-process: single-flight DNS under concurrency, settings, endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from onions import ONION_A
+from realparts import SrvRecord, free_port
+
+from torroute.config import Config, ConfigError, load_config
+from torroute.protocols import tcptable
+from torroute.server import Endpoint, LookupDaemon, ServeSettings
+
+
+def settings(port: int, **kw) -> ServeSettings:
+    return ServeSettings(listeners={"tcp_table": (Endpoint("inet", "127.0.0.1", port),)}, **kw)
+
+
+async def ask(port: int, key: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(tcptable.encode_get(key))
+    line = await reader.readline()
+    writer.close()
+    return line
+
+
+def test_concurrent_lookups_of_one_domain_share_one_dns_query(dnsmasq_factory) -> None:
+    dns = dnsmasq_factory([SrvRecord(f"_onion-mx._tcp.d{i}.test", ONION_A) for i in range(5)])
+    port = free_port()
+    daemon = LookupDaemon(Config(nameservers=[dns.address], dns_timeout=2.0), settings(port))
+
+    async def main() -> list[bytes]:
+        await daemon.start()
+        try:
+            keys = [f"user{n}@d{n % 5}.test" for n in range(200)]
+            return await asyncio.gather(*(ask(port, k) for k in keys))
+        finally:
+            await daemon.stop()
+
+    answers = asyncio.run(main())
+    assert set(answers) == {f"200 torroute:[{ONION_A}]:25\n".encode()}
+    assert daemon.router.dns_queries == 5  # 200 concurrent lookups, 5 domains, 5 queries
+
+
+def test_settings_from_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("""
+[serve]
+socketmap = "unix:/run/torroute/socketmap.sock"
+tcp_table = ["inet:127.0.0.1:10026", "inet:[::1]:10026"]
+socket_mode = "0640"
+socket_group = "postfix"
+postfix_answer = "onionmx"
+""")
+    s = ServeSettings.from_config(load_config(cfg))
+    assert s.listeners["socketmap"] == (Endpoint("unix", path="/run/torroute/socketmap.sock"),)
+    assert [str(e) for e in s.listeners["tcp_table"]] == ["inet:127.0.0.1:10026",
+                                                          "inet:[::1]:10026"]
+    assert s.socket_mode == 0o640 and s.postfix_answer == "smtptor:[{onion}]{colon_port_unless_25}"
+    for bad in ['tcp_table = "inet:10.0.0.1:25"', 'exim = "unix:relative"',
+                'postfix_answer = "{onion} x"', "nonsense = 1", 'tcp_table = "inet:host:1"']:
+        cfg.write_text(f"[serve]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            ServeSettings.from_config(load_config(cfg))
+    cfg.write_text('[serve]\ntcp_table = "inet:10.0.0.1:25"\nallow_remote = true\n')
+    assert ServeSettings.from_config(load_config(cfg)).allow_remote
+
+
+@pytest.mark.parametrize("text,loopback", [
+    ("inet:127.0.0.1:1", True), ("inet:127.5.5.5:1", True), ("inet:[::1]:1", True),
+    ("inet:localhost:1", True), ("inet:0.0.0.0:1", False), ("inet:example.org:1", False),
+    ("unix:/x", True),
+])
+def test_endpoint_loopback(text: str, loopback: bool) -> None:
+    assert Endpoint.parse(text).is_loopback() is loopback
