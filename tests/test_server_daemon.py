@@ -75,3 +75,15 @@ postfix_answer = "onionmx"
 ])
 def test_endpoint_loopback(text: str, loopback: bool) -> None:
     assert Endpoint.parse(text).is_loopback() is loopback
+
+
+def test_contrib_example_config_is_valid() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    config = load_config(repo / "contrib" / "torroute.toml")
+    s = ServeSettings.from_config(config)
+    assert [str(e) for e in s.listeners["socketmap"]] == ["unix:/run/torroute/socketmap.sock"]
+    assert [str(e) for e in s.listeners["exim"]] == ["unix:/run/torroute/exim.sock"]
+    assert (s.socket_mode, s.socket_group, s.transport) == (0o660, "torroute", "torroute")
+    assert config.tor_dns == ("127.0.0.1", 9053)
+    unit = (repo / "contrib" / "torroute.service").read_text()
+    assert "User=torroute" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
