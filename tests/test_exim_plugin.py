@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from onions import ONION_A, ONION_B, ONION_C
-from realparts import SrvRecord, free_port
+from realparts import SrvRecord, TorProcess, free_port
 
 from torroute.automap import resolve_automap
 from torroute.sink import MaildirSink
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.exim
 SRV = "_onion-mx._tcp."
 VARIANTS = ["perl", "readsocket"]
 VIRTUAL = ipaddress.ip_network("127.192.0.0/10")
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins" / "exim_perl"
 ROUTED = re.compile(r"router = torroute, transport = torroute_smtp\n\s+host (\S+) \[(\S+)\] "
                     r"port=(\d+)")
 
@@ -226,7 +227,7 @@ def test_inet_listener(variant, daemon_factory, serve_dir, dns, tor, exim_plugin
 
 def test_perl_functions_directly(daemon, tor) -> None:
     """torroute.pl outside Exim (plain perl, core modules only): the answer contract."""
-    script = Path(__file__).resolve().parent.parent / "plugins" / "exim_perl" / "torroute.pl"
+    script = PLUGIN_DIR / "torroute.pl"
 
     def perl(code: str) -> subprocess.CompletedProcess:
         return subprocess.run(["perl", "-w", "-e", f"do '{script}' or die $@ || $!; {code}"],
@@ -267,3 +268,42 @@ def test_no_state_over_tor_restart(variant, daemon_factory, serve_dir, dns, tor_
     second, _ = routed_host(exim.bt("user@pinned.example"))
     assert second == str(resolve_automap(ONION_A, t.dns))
     assert ipaddress.ip_address(first) in VIRTUAL and ipaddress.ip_address(second) in VIRTUAL
+
+
+def torrc_snippet_lines(socks_port: int, dns_port: int) -> list[str]:
+    """plugins/exim_perl/torrc.torroute, with its production ports swapped for free ones."""
+    text = (PLUGIN_DIR / "torrc.torroute").read_text()
+    text = text.replace("127.0.0.1:9050", f"127.0.0.1:{socks_port}")
+    text = text.replace("127.0.0.1:9053", f"127.0.0.1:{dns_port}")
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+class SnippetTor(TorProcess):
+    """The lead's loopback-only bridge-mode tor, but with the plugin's own torrc lines instead
+    of the fixture's SocksPort/DNSPort/automap lines."""
+
+    REPLACED = ("dnsport", "automaphostsonresolve", "automaphostssuffixes",
+                "virtualaddrnetworkipv4")
+
+    def torrc(self) -> str:
+        lines = [ln for ln in super().torrc().splitlines()
+                 if ln.split()[0].lower() not in self.REPLACED
+                 and ln != f"SocksPort 127.0.0.1:{self.socks_port}"]
+        return "\n".join(lines + torrc_snippet_lines(self.socks_port, self.dns_port)) + "\n"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_torrc_snippet_is_what_automap_needs(variant, daemon_factory, serve_dir, dns,
+                                             exim_plugin_factory, tmp_path_factory) -> None:
+    """A tor configured with exactly the documented torrc lines gives Exim its routes."""
+    t = SnippetTor(tmp_path_factory.mktemp("snippet-tor"))
+    assert "AutomapHostsOnResolve 1" in t.torrc() and "DNSPort" in t.torrc()
+    t.start()
+    try:
+        d = daemon_factory(*daemon_args(serve_dir, dns.port, t.dns))
+        exim = exim_plugin_factory(d.exim, t.socks_plain, perl=variant == "perl")
+        ip, port = routed_host(exim.bt("user@pinned.example"))
+        assert ipaddress.ip_address(ip) in VIRTUAL and port == 25
+        assert ip == str(resolve_automap(ONION_A, t.dns))
+    finally:
+        t.stop()

@@ -78,7 +78,9 @@ def test_mail_arrives_at_onion_mx(variant, domain, testnet, onion_sink, routed,
     transcript = exim.last_transcript
     assert "SMTP>> EHLO localhost" in transcript, transcript
     assert "clearnet-host" not in transcript.split("SMTP<< 220", 1)[1]
-    assert "STARTTLS" not in transcript
+    # no TLS over onions by default: the transport never even tries STARTTLS
+    avoid = exim.run("-bP", "transport", "torroute_smtp").stdout
+    assert "\nhosts_avoid_tls = *\n" in avoid and "socks_proxy = 127.0.0.1 port=" in avoid
     assert exim.queue_count() == 0
     assert clear_sink.messages == []
 
