@@ -422,3 +422,46 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert out.count("landed in") == 2
     assert "Subject: hello alice@example.test over Tor" in out
     assert set(Path("/tmp").glob("torroute-demo-*")) == before  # cleaned up
+
+
+@pytest.mark.testnet
+def test_port_taken_before_tor_binds_is_retried_with_new_ports(testnet, monkeypatch) -> None:
+    """Ports are checked free, then bound by tor later: if another program takes one in
+    between, the boot starts over on new ports instead of failing."""
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen(1)
+    taken = squatter.getsockname()[1]
+    real_free_ports = tn.free_ports
+    calls: list[list[int]] = []
+
+    def free_ports(count, udp_too=()):
+        ports = real_free_ports(count, udp_too)
+        if not calls:
+            ports[0] = taken  # auth0's ControlPort
+        calls.append(ports)
+        return ports
+
+    class Reached(Exception):
+        pass
+
+    def stop_after_start(self, deadline):
+        raise Reached  # the second set of tors started and bound: enough for this test
+
+    monkeypatch.setattr(tn, "free_ports", free_ports)
+    monkeypatch.setattr(PrivateNetwork, "_stage", stop_after_start)
+    net = PrivateNetwork(testnet.new_dir("taken"), {25: ("127.0.0.1", 9)})
+    original_start = PrivateNetwork._start_all
+
+    def start_and_wait(self):
+        original_start(self)
+        if len(calls) == 1:  # first attempt: auth0 cannot bind and exits
+            self._wait("auth0 to fail", time.monotonic() + 20, lambda: False, pause=0.1)
+
+    monkeypatch.setattr(PrivateNetwork, "_start_all", start_and_wait)
+    with squatter, pytest.raises(Reached):
+        net.up(timeout=60)
+    assert len(calls) == 2 and taken not in calls[1]
+    assert "a port was taken meanwhile" in " ".join(net.timings)
+    net.stop_processes()
+    assert all(not tn._pid_alive(n.pid) for n in net.nodes if n.pid)

@@ -87,6 +87,7 @@ _FORBIDDEN = {
     "outboundbindaddresspt", "fallbackdir", "clienttransportplugin", "servertransportplugin",
     "%include", "alternatedirauthority", "alternatebridgeauthority", "dirauthorityfallbackrate",
 }
+_PORT_TAKEN = re.compile(r"Could not bind to 127\.0\.0\.1:\d+: Address already in use")
 _HOSTPORT = re.compile(r"^(\[?[0-9a-fA-F:.]+\]?):(\d{1,5})$")
 
 
@@ -581,17 +582,31 @@ class PrivateNetwork:
         every tor started and raise :class:`BootError` (node + log tail)."""
         self._t0 = time.monotonic()
         deadline = self._t0 + timeout
-        try:
-            self._prepare()
-            self._start_all()
-            self._stage(deadline)
-            self._wait_ready(deadline)
-        except BaseException:
-            self.stop_processes()
-            raise
+        for attempt in (1, 2):
+            try:
+                self._prepare()
+                self._start_all()
+                self._stage(deadline)
+                self._wait_ready(deadline)
+                break
+            except BootError as exc:
+                self.stop_processes(keeper=attempt == 2 or not _PORT_TAKEN.search(exc.log_tail))
+                if attempt == 2 or not _PORT_TAKEN.search(exc.log_tail):
+                    raise
+                # another program took one of our ports between the check and tor's bind
+                self._say(f"{exc.node}: a port was taken meanwhile; retrying with new ports")
+                self._clean_nodes()
+            except BaseException:
+                self.stop_processes()
+                raise
         self.timings["ready"] = time.monotonic() - self._t0
         self._write_state(ready=True)
         return self
+
+    def _clean_nodes(self) -> None:
+        for node in self.nodes:
+            shutil.rmtree(node.datadir, ignore_errors=True)
+        self.nodes = []
 
     def check_directory(self) -> None:
         """Refuse a directory where a network of ours still runs."""
@@ -963,8 +978,8 @@ class PrivateNetwork:
             ctl.close()
         self._controllers.clear()
 
-    def stop_processes(self) -> None:
-        """SIGTERM our tors by pid (they exit at once: ShutdownWaitLength 0), then reap."""
+    def stop_processes(self, keeper: bool = True) -> None:
+        """SIGTERM our tors (and the keeper) by pid (they exit at once: ShutdownWaitLength 0)."""
         self.close_controllers()
         pids = [n.pid for n in self.nodes if n.pid]
         _stop_pids(pids, self.directory)
@@ -974,7 +989,7 @@ class PrivateNetwork:
                     node.process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     pass
-        if self.keeper_pid:
+        if keeper and self.keeper_pid:
             _stop_pids([self.keeper_pid], self.directory)
 
     def down(self, keep: bool = False) -> None:
