@@ -465,3 +465,64 @@ def test_port_taken_before_tor_binds_is_retried_with_new_ports(testnet, monkeypa
     assert "a port was taken meanwhile" in " ".join(net.timings)
     net.stop_processes()
     assert all(not tn._pid_alive(n.pid) for n in net.nodes if n.pid)
+
+
+def write_state(directory: Path, pids: dict[str, int]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    nodes = {name: {"role": "relay", "pid": pid} for name, pid in pids.items()}
+    (directory / tn.STATE_FILE).write_text(json.dumps({"version": 1, "ready": True,
+                                                       "nodes": nodes}))
+
+
+def test_down_kills_only_processes_that_are_still_ours(tmp_path: Path) -> None:
+    """A recorded pid that now belongs to another program (pid reuse) is left alone."""
+    directory = tmp_path / "net"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    ours = subprocess.Popen([*sleeper, str(directory)])  # names the directory: ours
+    stranger = subprocess.Popen(sleeper)
+    try:
+        write_state(directory, {"auth0": ours.pid, "relay0": stranger.pid})
+        report = tn.status(directory)
+        assert report["nodes"]["auth0"]["running"] and not report["nodes"]["relay0"]["running"]
+        assert not report["running"]
+        assert tn.down(directory) == [ours.pid]
+        ours.wait(5)  # exited (down reaped it already, so its status is lost)
+        assert not tn._pid_alive(ours.pid)
+        assert stranger.poll() is None
+        assert not directory.exists()
+    finally:
+        ours.kill()
+        stranger.kill()
+        ours.wait()
+        stranger.wait()
+
+
+def test_cli_status_and_down_of_a_stopped_network(tmp_path: Path) -> None:
+    directory = tmp_path / "net"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    write_state(directory, {"auth0": dead.pid})
+    status = torroute_cli("testnet", "status", "--dir", str(directory), timeout=30)
+    assert status.returncode == 75 and "NOT running" in status.stdout
+    down = torroute_cli("testnet", "down", "--dir", str(directory), "--keep", timeout=30)
+    assert down.returncode == 0 and directory.exists()
+    down = torroute_cli("testnet", "down", "--dir", str(directory), "--json", timeout=30)
+    assert down.returncode == 0 and json.loads(down.stdout)["stopped"] == []
+    assert not directory.exists()
+
+
+def test_remove_directory_refuses_a_directory_that_is_not_a_network(tmp_path: Path) -> None:
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "file").write_text("x")
+    tn.remove_directory(keep)
+    assert (keep / "file").exists()
+    up = torroute_cli("testnet", "up", "--dir", str(keep), timeout=30)
+    assert up.returncode == 64 and "not a testnet directory" in up.stderr
+
+
+def test_cli_rejects_non_loopback_onion_port(tmp_path: Path) -> None:
+    up = torroute_cli("testnet", "up", "--dir", str(tmp_path / "n"), "--onion-port",
+                      "25=192.0.2.1:25", timeout=30)
+    assert up.returncode == 64 and "loopback" in up.stderr
+    assert not (tmp_path / "n").exists()
