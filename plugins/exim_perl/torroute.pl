@@ -1,13 +1,15 @@
 # torroute.pl -- Exim embedded-Perl client for the torroute daemon.
 #
-# Load it with   perl_startup = do '/usr/share/torroute/exim/torroute.pl'
-# and route with route_data = ${perl{torroute_route}{$domain}}  (see README.md).
+# Load it with   perl_startup = do '/usr/local/share/torroute/exim/torroute.pl'
+# and route with route_data = ${perl{torroute_route}{$domain}{/run/torroute/exim.sock}{10s}}
+# (conf.d/router/190_torroute does both through macros; see README.md).
 #
-# torroute_route($domain[, $socket])
+# torroute_route($domain[, $socket[, $timeout]])    $timeout in Exim time syntax ("10s")
 #     "<ip>::<port>"  the domain goes over Tor: <ip> is tor's automap address for its onion
 #                     (Exim's SOCKS client sends only IP addresses; tor maps it back)
 #     undef           no onion route: the expansion is forced to fail, the router declines and
-#                     the next router (dnslookup) handles the address
+#                     the next router (dnslookup) handles the address.  Also for an invalid
+#                     .onion destination ("fail"): the torroute_onion router then bounces it
 #     die             temporary failure (daemon down or slow, tor's DNSPort down, DNS failure):
 #                     the expansion fails and Exim defers the address: fail closed, mail never
 #                     goes over the clear net because something was down
@@ -39,17 +41,32 @@ use Errno qw(EINTR EAGAIN);
 
 sub _torroute_defer { my ($msg) = @_; die bless \$msg, 'torroute::Defer' }
 
-# Defaults; override in perl_startup, e.g.
-#   perl_startup = do '/usr/share/torroute/exim/torroute.pl'; $torroute::socket = '/run/x.sock'
+# Defaults when no socket / timeout argument is given, e.g. for ${perl{torroute_route}{$domain}};
+# override in perl_startup: do '.../torroute.pl' or die; $torroute::socket = '/run/x.sock'
 # A socket is "/path" or "unix:/path" (a unix socket) or "inet:HOST:PORT".
 $torroute::socket  = '/run/torroute/exim.sock' unless defined $torroute::socket;
 $torroute::timeout = 5 unless defined $torroute::timeout;    # seconds, whole exchange
 
-# torroute_answer($name[, $socket]) -> the daemon's answer line without its newline.
-# Dies if the daemon cannot be reached or does not answer in time.
+# Exim time syntax ("10s", "2m", "1m30s", or plain seconds) -> seconds; undef if malformed.
+sub _torroute_seconds {
+    my ($text) = @_;
+    return undef if !defined $text || $text eq '';
+    return $text + 0 if $text =~ /\A\d+(?:\.\d+)?\z/;
+    my %unit = (s => 1, m => 60, h => 3600, d => 86400, w => 604800);
+    my $total = 0;
+    my $rest = $text;
+    while ($rest =~ s/\A(\d+)([smhdw])//) { $total += $1 * $unit{$2} }
+    return $rest eq '' ? $total : undef;
+}
+
+# torroute_answer($name[, $socket[, $timeout]]) -> the daemon's answer line without its newline.
+# Dies if the daemon cannot be reached or does not answer within $timeout (Exim time syntax).
 sub torroute_answer {
-    my ($name, $where) = @_;
+    my ($name, $where, $timeout) = @_;
     $where = $torroute::socket if !defined $where || $where eq '';
+    my $secs = _torroute_seconds($timeout);
+    $secs = $torroute::timeout unless defined $secs && $secs > 0;
+    local $torroute::timeout = $secs;
     _torroute_defer("torroute: no domain given") if !defined $name || $name eq '';
     # The request is one line: a name with spaces or control characters could smuggle a second
     # request, so it is refused (deferred) rather than sent.
@@ -67,10 +84,10 @@ sub torroute_answer {
     return $line;
 }
 
-# torroute_route($domain[, $socket]) -> "<ip>::<port>" | undef | die (see the top of the file).
+# torroute_route($domain[, $socket[, $timeout]]) -> "<ip>::<port>" | undef | die (see the top).
 sub torroute_route {
-    my ($domain, $where) = @_;
-    my $answer = torroute_answer($domain, $where);
+    my ($domain, $where, $timeout) = @_;
+    my $answer = torroute_answer($domain, $where, $timeout);
     return $1 if $answer =~ /\A((?:\d{1,3}\.){3}\d{1,3}::\d{1,5})\z/;
     return undef if $answer eq '';
     # "fail <reason>" is an invalid .onion destination: decline here; the torroute_onion router
