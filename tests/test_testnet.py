@@ -319,7 +319,7 @@ def test_running_network_is_loopback_only_and_reports_status(testnet) -> None:
     for node in net.nodes:
         text = node.torrc_path.read_text()
         check_torrc(text, lambda p: Path(p).read_text())
-        assert f"__OwningControllerProcess {os.getpid()}" in text
+        assert f"__OwningControllerProcess {net.keeper_pid}" in text
     # every socket each tor has is on loopback (listening or connected)
     for node in net.nodes:
         for line in subprocess.run(["ss", "-Htanp"], capture_output=True, text=True,
@@ -360,6 +360,7 @@ def test_boot_failure_names_node_and_log_tail(testnet, monkeypatch) -> None:
     assert info.value.node == "relay1"
     assert "NoSuchTorOption" in str(info.value)
     assert all(not tn._pid_alive(n.pid) for n in net.nodes if n.pid)  # the others were stopped
+    assert net.keeper_pid and not tn._pid_alive(net.keeper_pid)
 
 
 def torroute_cli(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
@@ -526,3 +527,21 @@ def test_cli_rejects_non_loopback_onion_port(tmp_path: Path) -> None:
                       "25=192.0.2.1:25", timeout=30)
     assert up.returncode == 64 and "loopback" in up.stderr
     assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.testnet
+def test_stem_in_the_test_process_does_not_kill_the_network(testnet) -> None:
+    """stem's authenticate() sends TAKEOWNERSHIP when __OwningControllerProcess is its own pid
+    (tor then exits when that connection closes): the owner is a keeper process, not us."""
+    from stem.control import Controller
+
+    assert testnet.net.keeper_pid not in (None, os.getpid())
+    assert tn._ours(testnet.net.keeper_pid, testnet.net.directory)
+    with Controller.from_port("127.0.0.1", testnet.control[1]) as ctl:
+        ctl.authenticate()
+        assert ctl.get_conf("__OwningControllerProcess") == str(testnet.net.keeper_pid)
+    time.sleep(1)
+    assert tn.status(testnet.net.directory)["running"]
+    code, sock = socks5_by_hand(testnet.socks, testnet.onion, 25)
+    with sock:
+        assert code == 0 and read_line(sock).startswith(b"220 ")

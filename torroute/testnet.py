@@ -482,9 +482,12 @@ class PrivateNetwork:
 
     ``onion_ports`` maps the onion service's virtual ports to loopback targets.  ``owner_pid``
     goes into every torrc as ``__OwningControllerProcess``: the tors exit (~15 s) after that
-    process dies.  Default: this process (tests, libraries).  A CLI that returns while the
-    network keeps running uses :meth:`start_keeper` instead (a tiny detached process that lives
-    until ``down`` or until the directory disappears).
+    process dies.  Default: a tiny *keeper* process (:meth:`start_keeper`) that lives while this
+    process and the directory do.  Not this process itself: stem's ``authenticate()`` sends
+    ``TAKEOWNERSHIP`` when the owner pid is its own, and tor then exits as soon as that one
+    control connection closes, so any stem user in the test process would kill the network.
+    A CLI that returns while the network runs uses ``start_keeper(follow=None)``: the keeper then
+    lives until ``down`` or until the directory disappears.
     """
 
     def __init__(self, directory: Path | str, onion_ports: Mapping[int, HostPort] | None = None,
@@ -495,7 +498,7 @@ class PrivateNetwork:
         for vport, target in self.onion_ports.items():
             if not _is_loopback(target[0]):
                 raise UnsafeTorrc(f"onion port {vport}: target {target} is not loopback")
-        self.owner_pid = owner_pid if owner_pid is not None else os.getpid()
+        self.owner_pid: int | None = owner_pid  # None: a keeper following us, made by up()
         self.keeper_pid: int | None = None
         self._progress = progress or (lambda _msg: None)
         self.tor = tor or shutil.which("tor") or "/usr/sbin/tor"
@@ -561,16 +564,19 @@ class PrivateNetwork:
         self.timings[message] = time.monotonic() - self._t0
         self._progress(f"[{time.monotonic() - self._t0:5.1f}s] {message}")
 
-    def start_keeper(self) -> int:
-        """Start a detached process that owns the tors (for a CLI that exits after ``up``).
+    def start_keeper(self, follow: int | None = None) -> int:
+        """Start a detached process that owns the tors.
 
-        It lives while the network directory exists; ``down`` kills it.  If it dies, the tors
-        exit by themselves (``__OwningControllerProcess``), so a forgotten network cannot
-        outlive a deleted directory by more than ~20 s.
+        It lives while the network directory exists and, if ``follow`` is a pid, while that
+        process lives; ``down`` kills it.  When it exits the tors follow within ~15 s
+        (``__OwningControllerProcess``): a crashed test run or a deleted directory leaves no
+        tors behind.  ``follow=None`` is for a CLI that returns while the network keeps running.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
+        script = ('while [ -d "$0" ] && { [ -z "$1" ] || kill -0 "$1" 2>/dev/null; }; '
+                  'do sleep 2; done')
         proc = subprocess.Popen(
-            ["/bin/sh", "-c", 'while [ -d "$0" ]; do sleep 3; done', str(self.directory)],
+            ["/bin/sh", "-c", script, str(self.directory), str(follow or "")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True)
         self.keeper_pid = proc.pid
@@ -582,6 +588,9 @@ class PrivateNetwork:
         every tor started and raise :class:`BootError` (node + log tail)."""
         self._t0 = time.monotonic()
         deadline = self._t0 + timeout
+        if self.owner_pid is None:
+            self.check_directory()
+            self.start_keeper(follow=os.getpid())
         for attempt in (1, 2):
             try:
                 self._prepare()
