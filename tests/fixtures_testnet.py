@@ -80,6 +80,13 @@ class RunningTestnet:
             raise
         return OnionSink(onion, vports[0], sink)
 
+    def check_alive(self) -> None:
+        """Fail clearly if a node of the session network died (an earlier test's doing?)."""
+        for node in self.net.nodes:
+            if node.process is not None and node.process.poll() is not None:
+                pytest.fail(f"the session testnet lost {node.name} (exit "
+                            f"{node.process.returncode}); its log ends:\n{node.log_tail()}")
+
     def remove_sink(self, onion_sink: OnionSink) -> None:
         self.net.remove_onion(onion_sink.onion)
         onion_sink.sink.stop()
@@ -117,6 +124,7 @@ def testnet() -> Iterator[RunningTestnet]:
 @pytest.fixture
 def onion_sink(testnet: RunningTestnet) -> OnionSink:
     """The session's onion sink (port 25), emptied and accepting every recipient again."""
+    testnet.check_alive()
     testnet.sink.reset()
     return testnet.onion_sink
 
@@ -125,6 +133,7 @@ def onion_sink(testnet: RunningTestnet) -> OnionSink:
 def onion_sink_factory(testnet: RunningTestnet) -> Iterator:
     """``make(vports=(25,))`` -> a fresh OnionSink on its own onion; removed after the test."""
     made: list[OnionSink] = []
+    testnet.check_alive()
 
     def make(vports: tuple[int, ...] = (25,), timeout: float = 60.0) -> OnionSink:
         item = testnet.add_sink(vports, timeout=timeout)
