@@ -4,7 +4,8 @@
 #   - Debian packages: tor, dnsmasq-base, postfix (no configuration), swaks, torsocks, python3-venv
 #   - a venv at /opt/torroute (Debian's python3; world-readable, so Postfix's pipe user can run
 #     /opt/torroute/bin/torroute) with torroute and its test/docs extras
-#   - Exim (exim4-daemon-heavy) unpacked into /opt/exim4-heavy (it conflicts with postfix)
+#   - Exim (exim4-daemon-heavy) unpacked into /opt/exim4-heavy (it conflicts with postfix) and
+#     Debian's exim4-config unpacked into /opt/exim4-config
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${TORROUTE_VENV:-/opt/torroute}
@@ -37,6 +38,16 @@ if [ -n "$missing" ]; then
 fi
 # a system tor may still run on machines without policy-rc.d support (no systemd: it does not)
 bash "$here/scripts/install-exim.sh"
+# Debian's exim4-config (update-exim4.conf and the split/non-split templates), unpacked, for the
+# Exim plugin's tests against Debian's real generated configuration
+CONFIG_PREFIX=${EXIM_CONFIG_PREFIX:-/opt/exim4-config}
+if [ ! -x "$CONFIG_PREFIX/usr/sbin/update-exim4.conf" ]; then
+    d=$(mktemp -d); chmod 755 "$d"
+    (cd "$d" && apt-get download exim4-config 2>&1 | grep -v "unsandboxed" || true)
+    mkdir -p "$CONFIG_PREFIX"
+    dpkg-deb -x "$d"/exim4-config_*.deb "$CONFIG_PREFIX"
+    rm -rf "$d"
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$VENV"
