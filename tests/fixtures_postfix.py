@@ -82,6 +82,14 @@ class SmtpSink:
     def reject(self, rcpt: str, reply: str) -> None:
         self.rcpt_replies[rcpt.lower()] = reply
 
+    def reset(self) -> None:
+        """Accept everything again and forget what arrived."""
+        with self._cv:
+            self.messages.clear()
+            self.rcpt_replies.clear()
+            self.data_reply = None
+            self.ehlo_names.clear()
+
     def wait_for(self, count: int, timeout: float = 30.0) -> list[SinkMessage]:
         with self._cv:
             if not self._cv.wait_for(lambda: len(self.messages) >= count, timeout):
@@ -420,10 +428,31 @@ class PostfixInstance:
         wait_tcp(self.port, 20, what="postfix smtpd")
         return self
 
+    def master_pid(self) -> int | None:
+        try:
+            return int((self.workdir / "queue" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
-        if self.started:
-            self.run(POSTFIX, "-c", str(self.confdir), "stop", check=False)
-            self.started = False
+        """`postfix stop`, then wait for this instance's master to go (kill it if it won't)."""
+        if not self.started:
+            return
+        pid = self.master_pid()
+        self.run(POSTFIX, "-c", str(self.confdir), "stop", check=False)
+        self.started = False
+        deadline = time.monotonic() + 10
+        while pid and time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        if pid:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
     def reload(self) -> None:
         self.run(POSTFIX, "-c", str(self.confdir), "reload")
@@ -450,6 +479,8 @@ class PostfixInstance:
         """Hand a message to this Postfix over SMTP (like any client would)."""
         import smtplib
 
+        if b"\r\n" not in message:  # smtplib fixes line ends of str only; bytes "x\n" would
+            message = message.replace(b"\n", b"\r\n")  # gain a blank line at the end
         with smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test",
                           timeout=60) as client:
             client.sendmail(sender, recipients, message, mail_options=list(options))
@@ -463,6 +494,7 @@ class PostfixInstance:
                 return value
             time.sleep(0.1)
         raise TimeoutError(f"{what} not reached in {timeout:g}s; queue={self.queue()}\n"
+                           f"--- {self.config_path} ---\n{self.config_path.read_text()}\n"
                            f"--- maillog ---\n{self.log()[-4000:]}")
 
     def wait_log(self, needle: str, timeout: float = 60.0) -> str:
