@@ -43,6 +43,7 @@ class SinkMessage:
     rcpt_tos: list[str]
     mail_options: list[str]
     data: bytes
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class SmtpSink:
@@ -189,6 +190,8 @@ class FakeSocksServer:  # fake: tor's 0xF0..0xF7 replies and a silent SocksPort,
                 return
             assert self.target is not None
             upstream = socket.create_connection(self.target, timeout=10)
+            for sock in (conn, upstream):  # no Nagle: a relay must not add delayed-ACK waits
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.sendall(bytes([5, 0, 0, 1, 127, 0, 0, 1, 0, 0]))
             _relay(conn, upstream)
         except OSError:
@@ -444,8 +447,10 @@ class PostfixInstance:
         deadline = time.monotonic() + 10
         while pid and time.monotonic() < deadline:
             try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                return
+            if state in ("Z", "X"):  # exited; waiting for its parent (init) to reap it
                 return
             time.sleep(0.05)
         if pid:

@@ -20,14 +20,8 @@ leading enhanced status code in the output wins):
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 CRLF = b"\r\n"
 MAX_REPLY_BYTES = 1 << 20  # a reply larger than this is garbage, not SMTP
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
-_DSN = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 EXIT_CODES = {DELIVERED: 0, DEFERRED: 75, BOUNCED: 69}  # sysexits: OK, TEMPFAIL, UNAVAILABLE
@@ -37,12 +31,41 @@ class ProtocolError(Exception):
     """The remote sent something that is not an SMTP reply."""
 
 
-@dataclass(frozen=True)
-class Reply:
+class _Record:
+    """Value semantics for small slotted classes (dataclasses cost ~0.5 ms each at import,
+    and this module is imported once per delivered message)."""
+
+    __slots__ = ()
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._values() == self._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+def valid_dsn(code: str) -> bool:
+    """``X.Y.Z`` with X in 2/4/5, Y and Z of 1-3 digits (RFC 3463)."""
+    parts = code.split(".")
+    return (len(parts) == 3 and parts[0] in ("2", "4", "5")
+            and all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts[1:]))
+
+
+class Reply(_Record):
     """One (possibly multi-line) SMTP reply."""
 
-    code: int
-    lines: tuple[str, ...]
+    __slots__ = ("code", "lines")
+
+    def __init__(self, code: int, lines: tuple[str, ...]) -> None:
+        self.code = code
+        self.lines = lines
 
     @property
     def kind(self) -> int:
@@ -51,9 +74,9 @@ class Reply:
     @property
     def enhanced(self) -> str | None:
         """The RFC 3463 code at the start of the text, if it has the reply's class."""
-        match = _ENHANCED.match(self.lines[0]) if self.lines else None
-        if match and int(match.group(1)) == self.kind:
-            return ".".join(match.groups())
+        words = self.lines[0].split(None, 1) if self.lines else []
+        if words and valid_dsn(words[0]) and int(words[0][0]) == self.kind:
+            return words[0]
         return None
 
     def text(self) -> str:
@@ -153,23 +176,28 @@ def format_path(address: bytes) -> bytes:
     return b"<" + address + b">"
 
 
-@dataclass
-class Options:
-    """Client behaviour ([deliver] settings)."""
+class Options(_Record):
+    """Client behaviour ([deliver] settings); ``destination`` ("<onion>:25") is for messages."""
 
-    ehlo_name: str = "localhost"
-    starttls: str = "no"  # "no" | "opportunistic" | "required"
-    pipelining: bool = True
-    destination: str = ""  # for messages: "<onion>:25"
+    __slots__ = ("ehlo_name", "starttls", "pipelining", "destination")
+
+    def __init__(self, ehlo_name: str = "localhost", starttls: str = "no",
+                 pipelining: bool = True, destination: str = "") -> None:
+        self.ehlo_name = ehlo_name
+        self.starttls = starttls  # "no" | "opportunistic" | "required"
+        self.pipelining = pipelining
+        self.destination = destination
 
 
-@dataclass
-class Outcome:
+class Outcome(_Record):
     """What happened: ``status`` (delivered/deferred/bounced), a DSN code and one line of text."""
 
-    status: str
-    dsn: str
-    text: str
+    __slots__ = ("status", "dsn", "text")
+
+    def __init__(self, status: str, dsn: str, text: str) -> None:
+        self.status = status
+        self.dsn = dsn
+        self.text = text
 
     @property
     def exit_code(self) -> int:
@@ -224,26 +252,31 @@ def recipients_outcome(replies: list[Reply], recipients: list[bytes],
 # ---- actions the caller performs
 
 
-@dataclass(frozen=True)
-class Send:
-    data: bytes
-    bulk: bool = False  # the message body: use the data timeout
+class Send(_Record):
+    """Write ``data``; ``bulk`` marks the message body (the data timeout applies)."""
+
+    __slots__ = ("data", "bulk")
+
+    def __init__(self, data: bytes, bulk: bool = False) -> None:
+        self.data = data
+        self.bulk = bulk
 
 
-@dataclass(frozen=True)
-class StartTLS:
+class StartTLS(_Record):
     """Wrap the connection in TLS now, then call :meth:`SmtpClient.tls_started`."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class Close:
+
+class Close(_Record):
     """Close the connection; :attr:`SmtpClient.outcome` is final."""
+
+    __slots__ = ()
 
 
 Action = Send | StartTLS | Close
 
 
-@dataclass
 class SmtpClient:
     """One SMTP transaction for one message, as a state machine.
 
@@ -251,18 +284,17 @@ class SmtpClient:
     pipe ``q`` flag); ``message`` is the raw message with LF line ends.
     """
 
-    sender: bytes
-    recipients: list[bytes]
-    message: bytes
-    options: Options = field(default_factory=Options)
-
-    outcome: Outcome | None = None
-    extensions: dict[str, str] = field(default_factory=dict)
-    phase: str = "greeting"  # greeting | command | data-end | closed
-
-    def __post_init__(self) -> None:
-        if not self.recipients:
+    def __init__(self, sender: bytes, recipients: list[bytes], message: bytes,
+                 options: Options | None = None) -> None:
+        if not recipients:
             raise ValueError("no recipients")
+        self.sender = sender
+        self.recipients = recipients
+        self.message = message
+        self.options = options or Options()
+        self.outcome: Outcome | None = None
+        self.extensions: dict[str, str] = {}
+        self.phase = "greeting"  # greeting | command | data-end | closed
         self._parser = ReplyParser()
         self._expect: list[str] = []  # what the replies in flight answer, in order
         self._esmtp = True
@@ -449,6 +481,3 @@ class SmtpClient:
             return self._finish(outcome, quit=False)
         return self._finish(outcome)
 
-
-def valid_dsn(code: str) -> bool:
-    return bool(_DSN.match(code))
