@@ -97,6 +97,15 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> str:
+        """Wait until ``text`` is in the log ``count`` times (lines are flushed within 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        while (log := self.log()).count(text) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the daemon log:\n{log}")
+            time.sleep(0.02)
+        return log
+
     @property
     def socketmap_table(self) -> str:
         return f"socketmap:unix:{self.socketmap}:transport"

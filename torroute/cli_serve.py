@@ -40,13 +40,18 @@ def register(subparsers, common) -> None:
 
 
 def run(args: argparse.Namespace, config) -> int:
-    import asyncio
     import logging
     import sys
 
     from . import exitcodes
     from .config import load_config
-    from .server import LookupDaemon, ServeSettings, run_daemon
+    from .server import (
+        LookupDaemon,
+        ServeSettings,
+        decision_line_writer,
+        install_fast_logging,
+        serve,
+    )
 
     settings = ServeSettings.from_config(config, args)
     if not any(settings.listeners.values()):
@@ -55,13 +60,15 @@ def run(args: argparse.Namespace, config) -> int:
         return exitcodes.USAGE
     if settings.log_decisions and not args.verbose:
         logging.getLogger("torroute.server").setLevel(logging.INFO)
+    handler = install_fast_logging()
 
     def reload_config():
         return load_config(args.config, args)
 
     daemon = LookupDaemon(config, settings, reload_config=reload_config, args=args)
+    daemon.write_line = decision_line_writer(handler)
     try:
-        asyncio.run(run_daemon(daemon))
+        serve(daemon, settings.event_loop)
     except OSError as exc:
         print(f"torroute serve: cannot listen: {exc}", file=sys.stderr)
         return exitcodes.CONFIG

@@ -7,6 +7,8 @@ the parser resynchronises on the next newline instead of closing.
 
 from __future__ import annotations
 
+import re
+
 from . import (
     DEFAULT_MAX_REQUEST,
     POSTFIX_REJECT,
@@ -39,6 +41,7 @@ _HEX = b"0123456789ABCDEF"
 # Bytes that travel unencoded: printable ASCII except space and '%'.
 _PLAIN = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _HEXVAL = {c: int(chr(c), 16) for c in b"0123456789abcdefABCDEF"}
+_NEEDS_ENCODING = re.compile(rb"[^\x21-\x24\x26-\x7e]")
 
 
 class TcpTableError(ProtocolError):
@@ -47,7 +50,7 @@ class TcpTableError(ProtocolError):
 
 def encode(data: bytes) -> bytes:
     """%XX-encode ``%``, whitespace and every non-printing byte (what Postfix does)."""
-    if all(b in _PLAIN for b in data):
+    if not _NEEDS_ENCODING.search(data):
         return data
     out = bytearray()
     for b in data:
