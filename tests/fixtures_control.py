@@ -58,7 +58,10 @@ class ControlTor(TorProcess):
         self.defaults_path.write_text("".join(f"{ln}\n" for ln in self.defaults))
         assert_loopback_only(self.defaults_path.read_text() + self.torrc_path.read_text())
         self.proc = subprocess.Popen(
-            [TOR, "--defaults-torrc", str(self.defaults_path), "-f", str(self.torrc_path)],
+            # the owner on the command line too: SAVECONF drops it from a rewritten torrc, and
+            # a restarted tor must still exit if this test process dies
+            [TOR, "--defaults-torrc", str(self.defaults_path), "-f", str(self.torrc_path),
+             "__OwningControllerProcess", str(os.getpid())],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_tcp(self.control_port, timeout, self.proc, "tor")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,18 +156,21 @@ def test_permission_denied_as_an_unprivileged_user(control_tor_factory) -> None:
     """What a Debian admin sees when the user is not in debian-tor: the cookie and the control
     socket are tor's.  Runs torroute as 'nobody'."""
     shared = shared_tmpdir("torroute-cookie-")
-    cookie = shared / "control.authcookie"
-    t = control_tor_factory(control_socket=True, extra=[f"CookieAuthFile {cookie}"])
-    assert oct(os.stat(cookie).st_mode & 0o777) == "0o600"
-    over_tcp = torroute("tor", "status", "--tor-control", f"inet:127.0.0.1:{t.control_port}",
-                        user="nobody")
-    assert over_tcp.returncode == 78, over_tcp.stderr
-    assert f"cannot read tor's control cookie {cookie} (permission denied)" in over_tcp.stderr
-    assert "group root" in over_tcp.stderr  # names the group to join
-    over_unix = torroute("tor", "status", "--tor-control", f"unix:{t.control_socket_path}",
-                         user="nobody")
-    assert over_unix.returncode == 78
-    assert "permission denied on tor's control socket" in over_unix.stderr
+    try:
+        cookie = shared / "control.authcookie"
+        t = control_tor_factory(control_socket=True, extra=[f"CookieAuthFile {cookie}"])
+        assert oct(os.stat(cookie).st_mode & 0o777) == "0o600"
+        over_tcp = torroute("tor", "status", "--tor-control", f"inet:127.0.0.1:{t.control_port}",
+                            user="nobody")
+        assert over_tcp.returncode == 78, over_tcp.stderr
+        assert f"cannot read tor's control cookie {cookie} (permission denied)" in over_tcp.stderr
+        assert "group root" in over_tcp.stderr  # names the group to join
+        over_unix = torroute("tor", "status", "--tor-control", f"unix:{t.control_socket_path}",
+                             user="nobody")
+        assert over_unix.returncode == 78
+        assert "permission denied on tor's control socket" in over_unix.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_torrc_command(tmp_path: Path) -> None:
