@@ -24,19 +24,18 @@ torroute_lookup:
   driver = redirect
   domains = ! +local_domains
   address_data = ${{readsocket{{{sock}}}{{route $domain\n}}{{5s}}{{ }}}}
+  data = ${{if match{{$address_data}}{{\N^(?:(?:\d{{1,3}}\.){{3}}\d{{1,3}}::\d{{1,5}})? ?$\N}}{{}}\
+           {{${{if match{{$address_data}}{{\N^fail (.*?) ?$\N}}{{:fail: torroute: $1}}\
+                 {{:defer: torroute: $address_data}}}}}}}}
   allow_defer
   allow_fail
-  data = ${{if match{{$address_data}}{{\N^(\d+\.\d+\.\d+\.\d+::\d+)? ?$\N}}{{}}\
-    {{${{if match{{$address_data}}{{\N^fail \N}}\
-    {{:fail: torroute: $address_data}}{{:defer: torroute: $address_data}}}}}}}}
 
 torroute:
   driver = manualroute
   domains = ! +local_domains
-  condition = ${{if match{{$address_data}}{{\N^\d+\.\d+\.\d+\.\d+::\d+ ?$\N}}}}
-  route_data = $address_data
+  route_data = ${{if match{{$address_data}}\
+                 {{\N^((?:\d{{1,3}}\.){{3}}\d{{1,3}}::\d{{1,5}}) ?$\N}}{{$1}}}}
   transport = onion_smtp
-  self = send
 
 clearnet:
   driver = manualroute
@@ -129,7 +128,7 @@ def test_invalid_onion_fails(setup) -> None:
     _d, exim = setup
     r = exim.route("user@invalid.onion")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "is undeliverable: torroute: fail" in r.stdout
+    assert "is undeliverable: torroute: 'invalid.onion': a v3 onion label" in r.stdout
 
 
 @pytest.mark.exim
