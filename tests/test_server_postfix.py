@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import smtplib
 import time
 from pathlib import Path
 
@@ -178,3 +179,33 @@ def test_lookup_while_daemon_down_is_an_error_not_notfound(daemon, postmap) -> N
     for table in (daemon.socketmap_table, daemon.tcp_table):
         r = postmap.query("a@pinned.test", table)
         assert r.returncode != 0 and r.stdout == "" and "fatal" in r.stderr
+
+
+@pytest.mark.postfix
+def test_real_postfix_survives_daemon_restart_and_defers_on_temp(daemon_factory, serve_dir, dns,
+                                                                 postfix_factory,
+                                                                 clear_sink) -> None:
+    """A real Postfix instance (trivial-rewrite keeps its socketmap connection open)."""
+    d = daemon_factory("--config", str(write_config(serve_dir, dns.port)),
+                       "--socket-group", "postfix")
+    pf = postfix_factory(d.socketmap_table)
+    body = b"Subject: t\n\nhello\n"
+    pf.submit("a@origin.test", ["u1@nosrv.test"], body)  # no route: Postfix's default route
+    clear_sink.wait_for(1)
+    d.wait_log("domain=nosrv.test result=noroute")
+    assert d.stop() == 0  # Postfix still holds its connection to the old daemon
+    d.start()
+    pf.submit("a@origin.test", ["u2@other.test"], body)
+    got = clear_sink.wait_for(2)
+    assert sorted(m.rcpt_tos[0] for m in got) == ["u1@nosrv.test", "u2@other.test"]
+    d.wait_log("domain=other.test result=noroute")
+    # DNS down: TEMP -> smtpd answers 451 at RCPT (the client retries later); the mail never
+    # takes the default (clear-net) route
+    dns.stop()
+    with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+        pf.submit("a@origin.test", ["u3@unknown.test"], body)
+    code, text = refused.value.recipients["u3@unknown.test"]
+    assert code == 451 and b"4.3.0" in text and b"Temporary lookup failure" in text
+    d.wait_log("domain=unknown.test result=tempfail")
+    time.sleep(1)
+    assert len(clear_sink.messages) == 2 and pf.queue() == []
