@@ -8,6 +8,7 @@ import random
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -196,3 +197,23 @@ def _group_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def test_client_leaving_mid_lookup_does_not_starve_others(daemon_factory, serve_dir,
+                                                         silent_udp) -> None:
+    """Two clients wait on one shared DNS query; the first hangs up: the second still gets
+    its (temporary failure) answer, and the daemon keeps serving."""
+    cfg = serve_dir / "slow.toml"
+    cfg.write_text(f'[routing]\nnameservers = ["127.0.0.1:{silent_udp.address[1]}"]\n'
+                   "dns_timeout = 1.0\n")
+    d = daemon_factory("--config", str(cfg))
+    with connect(("127.0.0.1", d.tcp_port)) as first, connect(d.socketmap) as second:
+        first.sendall(tcptable.encode_get("a@same.test"))
+        time.sleep(0.2)
+        second.sendall(socketmap.encode_request("t", "b@same.test"))
+        time.sleep(0.2)
+        first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        first.close()  # abortive close (RST): the daemon sees the connection lost at once
+        data = recv_until(second, lambda x: x.endswith(b","))
+    assert socketmap.decode_netstring(data, 1000)[0].startswith(b"TEMP ")
+    assert d.proc.poll() is None

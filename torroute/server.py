@@ -346,8 +346,8 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self.daemon.connections.discard(self)
         log.debug("%s: connection closed", self.proto.name)
-        if self.worker is not None and not self.worker.done():
-            self.worker.cancel()
+        # A running lookup is not cancelled: other connections may be waiting on the same
+        # shared DNS query.  The worker sees ``closing`` and drops its answer.
         self.daemon._connection_gone()
 
     def data_received(self, data: bytes) -> None:
@@ -423,7 +423,12 @@ class _Connection(asyncio.Protocol):
                     decision = await self.daemon.router.aroute(ev.key)
                     reply, note = await self.proto.answer(decision)
                 except asyncio.CancelledError:
-                    raise
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # we are being cancelled (shutdown)
+                    # another asker of a shared lookup was cancelled: defer, never hang
+                    decision = TempFail(ev.key[:300], "lookup cancelled")
+                    reply, note = self.proto.temp(decision.reason), ""
                 except Exception as exc:  # never crash a connection: defer this lookup
                     log.exception("%s: lookup of %r failed", self.proto.name, ev.key[:300])
                     decision = TempFail(ev.key[:300], f"internal error: {type(exc).__name__}")
