@@ -477,7 +477,8 @@ class LookupDaemon:
         # domain -> static decision, or (_NEEDS_DNS, normalized name); pure function of the
         # configuration and maps, so it is cleared on reload
         self._static: dict[str, Any] = {}
-        self.on_reload: list[Callable[[], None]] = [self._static.clear]
+        self._log_prefix: dict[tuple[str, int], tuple[Decision, str]] = {}
+        self.on_reload: list[Callable[[], None]] = [self._static.clear, self._log_prefix.clear]
         self.log_decisions = self.settings.log_decisions and log.isEnabledFor(logging.INFO)
         self.write_line: Callable[[str], None] | None = None  # fast path for decision lines
         self.connections: set[_Connection] = set()
@@ -508,6 +509,24 @@ class LookupDaemon:
     def log_decision(self, proto: str, ev: Lookup, decision: Decision, started: float,
                      note: str) -> None:
         ms = (time.perf_counter() - started) * 1000
+        key = (proto, id(decision))
+        cached = self._log_prefix.get(key)
+        if cached is not None and cached[0] is decision:
+            message = cached[1]
+        else:
+            message = self._log_message(proto, decision)
+            if len(self._log_prefix) >= MEMO_SIZE:
+                self._log_prefix.clear()
+            self._log_prefix[key] = (decision, message)  # keeps the object: ids stay unique
+        if note:
+            message = f"{message}note={sanitize_reason(note)!r} "
+        if self.write_line is not None:
+            self.write_line(f"{message}ms={ms:.2f}")
+        else:
+            log.info("%sms=%.2f", message, ms)
+
+    @staticmethod
+    def _log_message(proto: str, decision: Decision) -> str:
         domain = decision.domain
         if not (domain.isascii() and domain.isprintable()) or " " in domain or "%" in domain:
             domain = sanitize_reason(domain, 260)
@@ -515,12 +534,7 @@ class LookupDaemon:
             detail = f"route={decision.onion}:{decision.port} source={decision.source!r}"
         else:
             detail = f"reason={sanitize_reason(decision.reason)!r}"
-        note = f" note={sanitize_reason(note)!r}" if note else ""
-        message = f"decision proto={proto} domain={domain} result={decision.kind} {detail}{note} "
-        if self.write_line is not None:
-            self.write_line(f"{message}ms={ms:.2f}")
-        else:
-            log.info("%sms=%.2f", message, ms)
+        return f"decision proto={proto} domain={domain} result={decision.kind} {detail} "
 
     # listeners
     async def start(self) -> None:
