@@ -87,3 +87,34 @@ def test_contrib_example_config_is_valid() -> None:
     assert config.tor_dns == ("127.0.0.1", 9053)
     unit = (repo / "contrib" / "torroute.service").read_text()
     assert "User=torroute" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
+
+
+def test_max_connections_and_bad_flags(tmp_path: Path) -> None:
+    import argparse
+
+    port = free_port()
+    daemon = LookupDaemon(Config(), settings(port, max_connections=2))
+
+    async def main() -> list[bytes]:
+        await daemon.start()
+        try:
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            refused = await reader.read()  # closed at once, nothing answered
+            writer.close()
+            for _, w in held:
+                w.write(tcptable.encode_get("u@x.onion"))
+            answers = [await r.readline() for r, _ in held]
+            for _, w in held:
+                w.close()
+            return [refused, *answers]
+        finally:
+            await daemon.stop()
+
+    refused, *answers = asyncio.run(main())
+    assert refused == b""
+    assert answers == [b"200 error:5.1.2%20invalid%20.onion%20address\n"] * 2
+    args = argparse.Namespace(socket_mode="rw", tcp_table=["inet:127.0.0.1:1"])
+    with pytest.raises(ConfigError, match="not octal"):
+        ServeSettings.from_config(Config(), args)

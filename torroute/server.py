@@ -169,7 +169,10 @@ class ServeSettings:
                 except ProtocolError as exc:
                     raise ConfigError(f"--postfix-answer: {exc}") from None
             if getattr(args, "socket_mode", None):
-                overrides["socket_mode"] = int(args.socket_mode, 8)
+                try:
+                    overrides["socket_mode"] = int(args.socket_mode, 8)
+                except ValueError:
+                    raise ConfigError(f"--socket-mode {args.socket_mode!r}: not octal") from None
         settings = replace(settings, **overrides)
         settings.check()
         return settings
