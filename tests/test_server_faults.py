@@ -28,7 +28,7 @@ def daemon(daemon_factory, serve_dir, dnsmasq_factory):
     (serve_dir / "map.txt").write_text(f"pinned.test {ONION_B}\n")
     cfg = serve_dir / "torroute.toml"
     cfg.write_text(f'[routing]\nmaps = ["map.txt"]\nnameservers = ["127.0.0.1:{dns.port}"]\n'
-                   'dns_timeout = 1.0\n[serve]\nmax_request = 1024\nlog_decisions = false\n')
+                   'dns_timeout = 1.0\n[serve]\nmax_request = 1024\n')
     return daemon_factory("--config", str(cfg))
 
 
@@ -217,3 +217,12 @@ def test_client_leaving_mid_lookup_does_not_starve_others(daemon_factory, serve_
         data = recv_until(second, lambda x: x.endswith(b","))
     assert socketmap.decode_netstring(data, 1000)[0].startswith(b"TEMP ")
     assert d.proc.poll() is None
+
+
+def test_last_decision_lines_reach_the_log_on_sigterm(daemon) -> None:
+    with connect(("127.0.0.1", daemon.tcp_port)) as s:
+        s.sendall(tcptable.encode_get("last@pinned.test"))
+        recv_until(s, lambda d: d.endswith(b"\n"))
+    daemon.signal(signal.SIGTERM)  # at once: the buffered line must still be written
+    assert daemon.proc.wait(10) == 0
+    assert "domain=pinned.test result=route" in daemon.log()

@@ -721,12 +721,13 @@ class DeferredFlushHandler(logging.StreamHandler):
             super().flush()
 
     def flush(self) -> None:
-        if self._pending:
-            return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:
+        except RuntimeError:  # no loop (any more): write everything now
+            self._pending = False
             super().flush()
+            return
+        if self._pending:
             return
         self._pending = True
         loop.call_later(self.delay, self._flush_now)
