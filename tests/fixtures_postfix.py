@@ -30,6 +30,7 @@ POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTQUEUE = shutil.which("postqueue") or "/usr/sbin/postqueue"
 POSTSUPER = shutil.which("postsuper") or "/usr/sbin/postsuper"
 REPO = Path(__file__).resolve().parent.parent
+DAEMON_DIRECTORY = "/usr/lib/postfix/sbin"  # Debian's
 VENV_TORROUTE = Path("/opt/torroute/bin/torroute")  # world-readable: pipe runs it as nobody
 
 
@@ -320,6 +321,7 @@ proxymap  unix  -       -       n       -       -       proxymap
 proxywrite unix -       -       n       -       1       proxymap
 smtp      unix  -       -       n       -       -       smtp
 relay     unix  -       -       n       -       -       smtp
+lmtp      unix  -       -       n       -       -       lmtp
 showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
@@ -329,7 +331,7 @@ scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 torroute  unix  -       n       n       -       -       pipe
   flags=q user=nobody null_sender=
-  argv={torroute} deliver --config={config}
+  argv={deliver_command} --config={config}
     --sender=${{sender}} --nexthop=${{nexthop}} -- ${{recipient}}
 {extra}"""
 
@@ -378,7 +380,10 @@ class PostfixInstance:
     recipient_limit: int = 1
     main_extra: str = ""
     master_extra: str = ""
-    torroute: str = str(VENV_TORROUTE)
+    deliver_command: str = f"{VENV_TORROUTE} deliver"  # what master.cf argv= runs
+    #: extra daemon programs (name -> shell script) for master.cf's command column, which is
+    #: relative to daemon_directory: they get a private one (symlinks to Debian's + these)
+    daemon_wrappers: dict[str, str] = field(default_factory=dict)
     port: int = 0
     started: bool = False
     _log_offset: int = field(default=0, repr=False)
@@ -404,12 +409,25 @@ class PostfixInstance:
         shutil.chown(data, "postfix", "postfix")
         self.config_path.write_text(self.deliver_config)
         os.chmod(self.config_path, 0o644)
+        extra = self.main_extra
+        if self.daemon_wrappers:
+            libexec = self.workdir / "libexec"
+            libexec.mkdir(exist_ok=True)
+            for program in Path(DAEMON_DIRECTORY).iterdir():
+                link = libexec / program.name
+                if not link.exists():
+                    link.symlink_to(program)
+            for name, script in self.daemon_wrappers.items():
+                (libexec / name).write_text(script)
+                os.chmod(libexec / name, 0o755)
+            extra += f"\ndaemon_directory = {libexec}\n"
         main_cf = self.confdir / "main.cf"
         main_cf.write_text(MAIN_CF.format(
             dir=self.workdir, clear_port=self.clear_port, transport_maps=self.transport_maps,
-            recipient_limit=self.recipient_limit, extra=self.main_extra))
+            recipient_limit=self.recipient_limit, extra=extra))
         (self.confdir / "master.cf").write_text(MASTER_CF.format(
-            host="127.0.0.1", port=self.port, torroute=self.torroute, config=self.config_path,
+            host="127.0.0.1", port=self.port, deliver_command=self.deliver_command,
+            config=self.config_path,
             extra=self.master_extra))
         old = time.time() - 3600  # a fresh main.cf stalls every Postfix command ~1.8 s
         for name in ("main.cf", "master.cf"):

@@ -231,3 +231,20 @@ def test_ten_megabytes_and_smtputf8_arrive_intact(setup: Setup) -> None:
     assert u.mail_from == "ålice@örigin.test" and "SMTPUTF8" in u.mail_options
     assert u.data.split(b"\r\n\r\n", 1)[1] == "body: ü ✓ 日本\r\n".encode()
     assert "Subject: grüße ✓".encode() in u.data
+
+
+def test_through_proxymap_as_on_a_chrooted_debian(testnet, onion_mx, dnsmasq_factory,
+                                                 daemon_factory, serve_dir, postfix_factory,
+                                                 clear_sink) -> None:
+    """Debian chroots trivial-rewrite: the documented table is proxy:socketmap:... (proxymap
+    runs outside the chroot and $transport_maps is in proxy_read_maps by default)."""
+    onion_mx.sink.reset()
+    dns = dnsmasq_factory([SrvRecord(SRV + "example.test", onion_mx.onion, 25)])
+    cfg = write_config(serve_dir, dns.port, onion_mx.onion, testnet.socks_extended)
+    daemon = daemon_factory("--config", str(cfg), "--socket-group", "postfix")
+    pf = postfix_factory("proxy:" + daemon.socketmap_table, deliver_config=cfg.read_text())
+    pf.submit("alice@origin.test", ["user@example.test"], message("proxymap"))
+    [got] = onion_mx.sink.wait_for(1, timeout=60)
+    pf.wait_empty(30)
+    assert got.rcpt_tos == ["user@example.test"] and clear_sink.messages == []
+    assert "relay=torroute" in pf.log()

@@ -1,0 +1,318 @@
+"""Throughput of a real Postfix delivering to an onion MX on the private Tor network.
+
+50 messages (one recipient each) are submitted back to back over one SMTP session to a private
+Postfix instance; the clock runs from the first submission until all 50 are at the sink behind
+the onion.  Variants, each with its own Postfix, one after another, same network, same sink:
+
+  direct (no tor)        Postfix smtp straight to the sink: the ceiling of this machine
+  torroute               transport_maps = socketmap -> `torroute serve`; pipe -> `torroute deliver`
+  torsocks (published)   the onionmx recipe: smtptor:[onion], Postfix smtp under torsocks
+  torsocks (no cache)    the same with -o smtp_connection_cache_on_demand=no
+
+Each variant first delivers one warm-up message (circuits built, daemons started), then the
+50 are timed.  Prints msg/s, the slowest message (submit -> arrival), lost and duplicates.
+
+    /opt/torroute/bin/python bench/postfix_throughput.py [--messages 50] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import smtplib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from fixtures_postfix import PostfixInstance, SmtpSink  # noqa: E402
+from realparts import Dnsmasq  # noqa: E402
+
+from torroute.testnet import PrivateNetwork  # noqa: E402
+
+DOMAIN = "bench.test"
+MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
+
+
+def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"torroute serve did not create {path}")
+        time.sleep(0.05)
+
+
+class Variant:
+    def __init__(self, name: str, transport_maps: str, master_extra: str = "",
+                 wrappers: dict[str, str] | None = None, deliver_config: str = "",
+                 deliver_command: str = "/opt/torroute/bin/torroute deliver",
+                 main_extra: str = "") -> None:
+        self.name = name
+        self.deliver_command = deliver_command
+        self.main_extra = main_extra
+        self.transport_maps = transport_maps
+        self.master_extra = master_extra
+        self.wrappers = wrappers or {}
+        self.deliver_config = deliver_config
+
+
+DELAYS = re.compile(r"delays=([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+), .*status=sent")
+
+
+def cpu_seconds() -> float:
+    """CPU time used by the whole machine so far (user+nice+system+irq+softirq, /proc/stat)."""
+    fields = open("/proc/stat").readline().split()[1:]
+    ticks = sum(int(fields[i]) for i in (0, 1, 2, 5, 6))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postfix_delays(log: str) -> str:
+    """Postfix's delays=a/b/c/d (before qmgr / in qmgr / connection setup / transmission) of
+    the timed messages: 'median/max' of each."""
+    rows = [tuple(map(float, m.groups())) for m in DELAYS.finditer(log)][1:]  # not warm-up
+    if not rows:
+        return ""
+    cols = list(zip(*rows, strict=True))
+    return " ".join(f"{statistics.median(c):.2f}/{max(c):.2f}" for c in cols)
+
+
+def run_variant(variant: Variant, workdir: Path, sink: SmtpSink, clear: SmtpSink,
+                count: int, tag: str) -> dict:
+    workdir.mkdir(mode=0o755)
+    pf = PostfixInstance(workdir, variant.transport_maps, clear.port, variant.deliver_config,
+                         master_extra=variant.master_extra, daemon_wrappers=variant.wrappers,
+                         deliver_command=variant.deliver_command, main_extra=variant.main_extra)
+    pf.start()
+    try:
+        before = len(sink.messages)
+        pf.submit("bench@origin.test", [f"warmup@{DOMAIN}"],
+                  f"Message-ID: <{tag}-warmup@origin.test>\nSubject: warm-up\n\nx\n".encode())
+        sink.wait_for(before + 1, timeout=120)
+        first = len(sink.messages)
+        submitted: dict[str, float] = {}
+        cpu_started = cpu_seconds()
+        started = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", pf.port, local_hostname="client.test") as client:
+            for i in range(count):
+                mid = f"{tag}-{i}@origin.test"
+                body = (f"From: bench@origin.test\r\nTo: user{i}@{DOMAIN}\r\n"
+                        f"Message-ID: <{mid}>\r\nSubject: bench {i}\r\n\r\n"
+                        + "line of text\r\n" * 40).encode()
+                t = time.monotonic()
+                client.sendmail("bench@origin.test", [f"user{i}@{DOMAIN}"], body)
+                submitted[mid] = t
+        submit_seconds = time.monotonic() - started
+        deadline = time.monotonic() + 180
+        arrivals: dict[str, list[float]] = {}
+        while time.monotonic() < deadline:
+            arrivals = {}
+            for m in sink.messages[first:]:
+                found = MESSAGE_ID.search(m.data)
+                if found:
+                    arrivals.setdefault(found.group(1).decode(), []).append(m.arrived)
+            if all(mid in arrivals for mid in submitted):
+                break
+            time.sleep(0.05)
+        cpu_used = cpu_seconds() - cpu_started
+        time.sleep(1)  # late duplicates
+        arrivals = {}
+        for m in sink.messages[first:]:
+            found = MESSAGE_ID.search(m.data)
+            if found:
+                arrivals.setdefault(found.group(1).decode(), []).append(m.arrived)
+        got = [mid for mid in submitted if mid in arrivals]
+        last = max((min(arrivals[mid]) for mid in got), default=started)
+        delays = [min(arrivals[mid]) - submitted[mid] for mid in got]
+        elapsed = last - started
+        return {
+            "variant": variant.name, "elapsed": elapsed, "rate": len(got) / elapsed,
+            "max_delay": max(delays, default=float("nan")),
+            "median_delay": statistics.median(delays) if delays else float("nan"),
+            "lost": count - len(got),
+            "duplicates": sum(len(v) - 1 for v in arrivals.values()),
+            "clear": len(clear.messages),
+            "throttled": pf.log().count("throttling"),
+            "deferred": pf.log().count("status=deferred"),
+            "delays": postfix_delays(pf.log()),
+            "cpu_ms": 1000 * cpu_used / count,
+            "submit": submit_seconds,
+        }
+    finally:
+        pf.stop()
+
+
+# ---- a PROTOTYPE of a persistent relay, only to measure the design proposed in
+# docs/postfix.rst: Postfix's lmtp client -> one long-running process -> SMTP over tor.
+# Not production code: static routes, no connection reuse, aiosmtpd (a test dependency).
+
+
+def relay_prototype(socket_path: str, socks: str, routes: list[str]) -> None:
+    import asyncio
+
+    from aiosmtpd.controller import UnixSocketController
+    from aiosmtpd.lmtp import LMTP
+
+    from torroute.smtp import Close, Options, Send, SmtpClient
+    from torroute.socks import adial
+
+    proxy = (socks.rsplit(":", 1)[0], int(socks.rsplit(":", 1)[1]))
+    table = {d: o for d, o in (r.split("=", 1) for r in routes)}
+
+    async def deliver(sender: bytes, rcpt: bytes, message: bytes, onion: str) -> str:
+        try:
+            reader, writer = await adial(onion, 25, proxy=proxy, timeout=120)
+        except Exception as exc:  # noqa: BLE001 - prototype: every dial failure defers
+            return f"451 4.4.1 {exc}"
+        client = SmtpClient(sender, [rcpt], message, Options(destination=f"{onion}:25"))
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), 300)
+                if not data:
+                    out = client.connection_lost()
+                    break
+                actions = client.receive(data)
+                for action in actions:
+                    if isinstance(action, Send):
+                        writer.write(action.data)
+                        await writer.drain()
+                if any(isinstance(a, Close) for a in actions):
+                    out = client.outcome
+                    break
+        finally:
+            writer.close()
+        code = {"delivered": 250, "deferred": 451, "bounced": 550}[out.status]
+        return f"{code} {out.dsn} {out.text}"
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802
+            message = envelope.original_content.replace(b"\r\n", b"\n")
+            sender = envelope.mail_from.encode()
+            replies = await asyncio.gather(*[
+                deliver(sender, r.encode(), message, table[r.rsplit("@", 1)[1].lower()])
+                for r in envelope.rcpt_tos])
+            return "\r\n".join(replies)  # LMTP: one reply per recipient
+
+    class Controller(UnixSocketController):
+        def factory(self):
+            return LMTP(self.handler, **self.SMTP_kwargs)
+
+    controller = Controller(Handler(), unix_socket=socket_path)
+    controller.start()
+    os.chmod(socket_path, 0o666)
+    print("ready", flush=True)
+    sys.stdin.read()
+    controller.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--only", action="append", help="run only variants containing this")
+    parser.add_argument("--relay-prototype", nargs="+", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.relay_prototype:
+        return relay_prototype(opts.relay_prototype[0], opts.relay_prototype[1],
+                               opts.relay_prototype[2:])
+    root = Path(tempfile.mkdtemp(prefix="torroute-bench-"))
+    root.chmod(0o755)
+    sink = SmtpSink().start()
+    clear = SmtpSink().start()
+    net = PrivateNetwork(root / "net", {25: sink.address},
+                         progress=lambda msg: print(f"testnet: {msg}", file=sys.stderr))
+    serve: subprocess.Popen | None = None
+    relay: subprocess.Popen | None = None
+    dns = Dnsmasq().start()  # a real resolver for the daemon (no SRV: the map routes bench.test)
+    try:
+        net.up(timeout=120)
+        onion = net.onion
+        conf = root / "torroute.toml"
+        (root / "map.txt").write_text(f"{DOMAIN} {onion}\n")
+        conf.write_text(f'[routing]\nmaps = ["{root / "map.txt"}"]\nnameservers = '
+                        f'["127.0.0.1:{dns.port}"]\n\n[tor]\nsocks = '
+                        f'"{net.socks_extended[0]}:{net.socks_extended[1]}"\n')
+        conf.chmod(0o644)
+        sock = root / "socketmap.sock"
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "torroute.cli", "serve", "--config", str(conf),
+             "--socketmap", f"unix:{sock}", "--socket-group", "postfix"],
+            stdout=open(root / "serve.log", "w"), stderr=subprocess.STDOUT, cwd=REPO)
+        wait_socket(sock, serve)
+        torsocks_conf = root / "torsocks.conf"
+        torsocks_conf.write_text(f"TorAddress 127.0.0.1\nTorPort {net.socks[1]}\n"
+                                 "OnionAddrRange 127.42.42.0/24\n")
+        torsocks_conf.chmod(0o644)
+        wrapper = {"smtp_tor": f"#!/bin/sh\nTORSOCKS_CONF_FILE={torsocks_conf} exec "
+                               f"{shutil.which('torsocks')} {'/usr/lib/postfix/sbin/smtp'} "
+                               '"$@"\n'}
+        relay_sock = root / "relay.sock"
+        relay = subprocess.Popen(
+            [sys.executable, __file__, "--relay-prototype", str(relay_sock),
+             f"{net.socks_extended[0]}:{net.socks_extended[1]}", f"{DOMAIN}={onion}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+        if relay.stdout.readline().strip() != "ready":
+            raise SystemExit("relay prototype did not start")
+        smtptor = f"inline:{{{DOMAIN}=smtptor:[{onion}]}}"
+        variants = [
+            Variant("direct (no tor)", f"inline:{{{DOMAIN}=smtp:[127.0.0.1]:{sink.port}}}"),
+            Variant("torroute", f"socketmap:unix:{sock}:transport",
+                    deliver_config=conf.read_text()),
+            Variant("torroute (fast path)", f"socketmap:unix:{sock}:transport",
+                    deliver_config=conf.read_text(),
+                    deliver_command="/opt/torroute/bin/python3 -m torroute.cli_deliver"),
+            Variant("relay prototype (lmtp)", f"inline:{{{DOMAIN}=lmtp:unix:{relay_sock}}}"),
+            Variant("torsocks (published)", smtptor,
+                    "smtptor unix - - n - - smtp_tor\n", wrapper),
+            Variant("torsocks (no cache)", smtptor,
+                    "smtptor unix - - n - - smtp_tor\n  -o smtp_connection_cache_on_demand=no\n",
+                    wrapper),
+        ]
+        if opts.only:
+            variants = [v for v in variants if any(o in v.name for o in opts.only)]
+        results = []
+        for r in range(opts.rounds):
+            for n, variant in enumerate(variants):
+                tag = f"r{r}v{n}"
+                print(f"running {variant.name} (round {r + 1})", file=sys.stderr)
+                results.append(run_variant(variant, root / f"pf-{tag}", sink, clear,
+                                           opts.messages, tag))
+    finally:
+        if serve is not None:
+            serve.terminate()
+            serve.wait(15)
+        if relay is not None:
+            relay.stdin.close()
+            relay.wait(15)
+        net.down()
+        dns.stop()
+        sink.stop()
+        clear.stop()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{opts.messages} messages, private Tor network on loopback, {os.cpu_count()} CPUs")
+    print(f"{'variant':<22}{'seconds':>8}{'msg/s':>8}{'max delay':>10}{'median':>8}"
+          f"{'lost':>6}{'dups':>6}{'clear':>6}{'deferred':>9}{'throttled':>10}{'cpu/msg':>8}{'submit':>8}"
+          "  postfix delays a b c d (median/max)")
+    print("cpu/msg: ms of CPU used by the whole machine per message while timing (all tors, "
+          "Postfix, torroute, the sink; anything else running counts too)")
+    for res in results:
+        print(f"{res['variant']:<22}{res['elapsed']:>8.2f}{res['rate']:>8.1f}"
+              f"{res['max_delay']:>10.2f}{res['median_delay']:>8.2f}{res['lost']:>6}"
+              f"{res['duplicates']:>6}{res['clear']:>6}{res['deferred']:>9}"
+              f"{res['throttled']:>10}{res['cpu_ms']:>8.0f}{res['submit']:>8.2f}  {res['delays']}")
+    by = {}
+    for res in results:
+        by.setdefault(res["variant"], []).append(res["rate"])
+    if "torroute" in by and "torsocks (no cache)" in by:
+        ratio = statistics.median(by["torroute"]) / statistics.median(by["torsocks (no cache)"])
+        print(f"torroute / torsocks (no cache): {ratio:.2f}x  (target >= 1x, max delay <= 5 s)")
+
+
+if __name__ == "__main__":
+    main()
