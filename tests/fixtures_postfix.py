@@ -329,11 +329,23 @@ discard   unix  -       -       n       -       -       discard
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
-torroute  unix  -       n       n       -       -       pipe
-  flags=q user=nobody null_sender=
-  argv={deliver_command} --config={config}
-    --sender=${{sender}} --nexthop=${{nexthop}} -- ${{recipient}}
+{torroute_service}
 {extra}"""
+PLUGIN_MASTER_CF = REPO / "plugins" / "postfix_pipe" / "master.cf"
+
+
+def torroute_service(deliver_command: str, config: Path, user: str = "nobody") -> str:
+    """The shipped plugins/postfix_pipe/master.cf entry, with this instance's user, program
+    and configuration file: the tests run what the documentation tells users to install."""
+    lines = [ln for ln in PLUGIN_MASTER_CF.read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    text = "\n".join(lines)
+    for old, new in (("user=torroute", f"user={user}"),
+                     ("/opt/torroute/bin/torroute deliver",
+                      f"{deliver_command} --config={config}")):
+        assert old in text, f"{PLUGIN_MASTER_CF} changed: no {old!r}"
+        text = text.replace(old, new)
+    return text
 
 MAIN_CF = """\
 compatibility_level = 3.6
@@ -426,8 +438,8 @@ class PostfixInstance:
             dir=self.workdir, clear_port=self.clear_port, transport_maps=self.transport_maps,
             recipient_limit=self.recipient_limit, extra=extra))
         (self.confdir / "master.cf").write_text(MASTER_CF.format(
-            host="127.0.0.1", port=self.port, deliver_command=self.deliver_command,
-            config=self.config_path,
+            host="127.0.0.1", port=self.port,
+            torroute_service=torroute_service(self.deliver_command, self.config_path),
             extra=self.master_extra))
         old = time.time() - 3600  # a fresh main.cf stalls every Postfix command ~1.8 s
         for name in ("main.cf", "master.cf"):
