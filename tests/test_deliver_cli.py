@@ -294,3 +294,12 @@ def test_program_is_reachable_by_nobody() -> None:
                        capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
     assert r.returncode == 0 and b"--nexthop" in r.stdout, r
     assert os.access(TORROUTE, os.X_OK)
+
+
+def test_non_ascii_remote_text_keeps_its_status_in_an_ascii_locale(relay, smtp_sink) -> None:
+    smtp_sink.reject("bob@example.test", "550 5.1.1 Empfänger unbekannt ✗")
+    cmd = [TORROUTE, "deliver", *via(relay.address)]
+    r = subprocess.run(cmd, input=MESSAGE, capture_output=True, cwd="/", timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONIOENCODING": "ascii"})
+    assert status(r) == (69, "5.1.1"), r
+    assert "Empfänger".encode() in r.stdout

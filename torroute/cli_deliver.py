@@ -74,9 +74,12 @@ def run(args: argparse.Namespace, config=None) -> int:
 
 
 def _report(line: str) -> None:
-    out = sys.stdout
-    out.write(" ".join(line.split()) + "\n")
-    out.flush()
+    """One line on stdout, as UTF-8 bytes whatever the locale (pipe(8) gives none): an
+    encoding error here would turn a bounce into an 'internal error' deferral."""
+    data = (" ".join(line.split()) + "\n").encode("utf-8", "backslashreplace")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
 
 
 def execute(args: argparse.Namespace) -> int:
