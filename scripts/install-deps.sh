@@ -54,9 +54,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip_args=(-q --disable-pip-version-check)
 if [ "${TORROUTE_EDITABLE:-0}" = 1 ]; then
-    "$VENV/bin/pip" install "${pip_args[@]}" -e "$here[test,docs]"
+    "$VENV/bin/pip" install "${pip_args[@]}" -e "$here[test,docs,testnet,fast]"
 else
-    "$VENV/bin/pip" install "${pip_args[@]}" "$here[test,docs]"
+    "$VENV/bin/pip" install "${pip_args[@]}" "$here[test,docs,testnet,fast]"
 fi
 chmod -R a+rX "$VENV"
 echo "install-deps: ok ($VENV/bin/torroute $("$VENV/bin/torroute" --version | cut -d' ' -f2))"

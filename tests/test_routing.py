@@ -239,3 +239,31 @@ def test_static_decisions_never_raise_and_never_route_garbage(text: str) -> None
     decision = decide_static(destination_domain(text), config, PinMap())
     if isinstance(decision, Route):
         assert parse_onion(decision.onion).host == decision.onion
+
+
+def test_a_cancelled_caller_does_not_cancel_the_shared_query(silent_udp) -> None:
+    router = router_for(silent_udp.address, dns_timeout=0.5)
+
+    async def scenario():
+        first = asyncio.create_task(router.aroute("a@slow.example"))
+        second = asyncio.create_task(router.aroute("b@slow.example"))
+        await asyncio.sleep(0.1)
+        first.cancel()
+        result = await second
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return result
+
+    decision = asyncio.run(scenario())
+    assert isinstance(decision, TempFail) and router.dns_queries == 1
+
+
+def test_leading_dot_patterns_in_config(tmp_path) -> None:
+    from torroute.config import load_config
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[routing]\nignore_domains = [".Internal.Example."]\nnameservers = []\n')
+    config = load_config(cfg)
+    assert config.ignore_domains == [".internal.example"]
+    assert Router(config).route("x@a.internal.example") == NoRoute("a.internal.example",
+                                                                   "ignored domain")

@@ -115,7 +115,7 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         if name == "nameservers":
             return [parse_hostport(str(v), 53) for v in _as_list(value)]
         if name in ("local_domains", "ignore_domains"):
-            return [normalize_domain(str(v)) for v in _as_list(value)]
+            return [domain_pattern(str(v)) for v in _as_list(value)]
         if name in ("tor_socks", "tor_dns"):
             return parse_hostport(str(value))
         if name in ("require_dnssec", "isolate_streams"):
@@ -163,6 +163,14 @@ def normalize_domain(domain: str) -> str:
         if not all(c.isalnum() or c in "-_" for c in label):
             raise ValueError(f"{domain!r}: invalid character in a label")
     return domain
+
+
+def domain_pattern(text: str) -> str:
+    """A domain, or ``.domain`` for its subdomains (Postfix style), normalised."""
+    text = text.strip()
+    if text.startswith("."):
+        return "." + normalize_domain(text[1:])
+    return normalize_domain(text)
 
 
 def load_config(path: Path | str | None = None, args: argparse.Namespace | None = None) -> Config:

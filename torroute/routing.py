@@ -206,7 +206,7 @@ class Router:
 
     def __post_init__(self) -> None:
         self.cache = DecisionCache(self.config.cache_size)
-        self._inflight: dict[str, asyncio.Future[Decision]] = {}
+        self._inflight: dict[str, asyncio.Future[Decision]] = {}  # one DNS query per domain
         self._nameservers: list[HostPort] | None = None
         self.dns_queries = 0  # counts queries sent, for tests and stats
         if not len(self.pins) and self.config.maps:
@@ -247,21 +247,18 @@ class Router:
         if cached is not None:
             return cached
         pending = self._inflight.get(domain)
-        if pending is not None:  # one DNS query serves every concurrent asker
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._inflight[domain] = future
-        try:
-            decision, ttl = await self._lookup_async(domain)
-            self.cache.put(domain, decision, ttl)
-            future.set_result(decision)
-            return decision
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: nobody else may be waiting
-            raise
-        finally:
-            del self._inflight[domain]
+        if pending is None:
+            # the query runs in its own task: a caller that gives up (cancelled) does not cancel
+            # it for the others waiting on the same domain
+            pending = asyncio.ensure_future(self._lookup_and_cache(domain))
+            self._inflight[domain] = pending
+            pending.add_done_callback(lambda _f, d=domain: self._inflight.pop(d, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup_and_cache(self, domain: str) -> Decision:
+        decision, ttl = await self._lookup_async(domain)
+        self.cache.put(domain, decision, ttl)
+        return decision
 
     def _cached(self, domain: str) -> Decision | None:
         hit = self.cache.get(domain)
