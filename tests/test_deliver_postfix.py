@@ -248,3 +248,15 @@ def test_through_proxymap_as_on_a_chrooted_debian(testnet, onion_mx, dnsmasq_fac
     pf.wait_empty(30)
     assert got.rcpt_tos == ["user@example.test"] and clear_sink.messages == []
     assert "relay=torroute" in pf.log()
+
+
+def test_bounce_to_an_onion_sender_travels_with_the_null_sender(setup: Setup) -> None:
+    """pipe's null_sender= and --sender=${sender}: Postfix's own bounce, routed over tor to an
+    onion-routed sender, leaves as MAIL FROM:<> (not MAILER-DAEMON)."""
+    setup.mx.sink.reject("nobody@example.test", "550 5.1.1 no such user at the onion")
+    setup.submitted("alice@pinned.test", ["nobody@example.test"], message("bounce to onion"))
+    [dsn] = setup.mx.sink.wait_for(1, timeout=60)
+    setup.postfix.wait_empty(30)
+    assert dsn.mail_from == "<>" and dsn.rcpt_tos == ["alice@pinned.test"]
+    assert b"no such user at the onion" in dsn.data
+    assert setup.clear.messages == []
