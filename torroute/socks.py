@@ -121,7 +121,7 @@ def dial(
     validate: bool = True,
 ) -> socket.socket:
     """A connected socket to ``host:port`` through Tor (blocking, ``timeout`` set on it)."""
-    from python_socks import ProxyError, ProxyType
+    from python_socks import ProxyType
     from python_socks.sync import Proxy
 
     host = _check_destination(host, validate)
@@ -129,9 +129,7 @@ def dial(
     proxy_client = Proxy(ProxyType.SOCKS5, **_proxy_kwargs(host, proxy, isolate))
     try:
         sock = proxy_client.connect(dest_host=host, dest_port=port, timeout=timeout)
-    except (ProxyError, OSError, TimeoutError) as exc:
-        raise _translate(exc, destination, proxy, timeout) from exc
-    except Exception as exc:  # python-socks raises other types for malformed replies
+    except Exception as exc:  # ProxyError, OSError, timeouts, and others for malformed replies
         raise _translate(exc, destination, proxy, timeout) from exc
     sock.settimeout(timeout)
     return sock
@@ -147,7 +145,7 @@ async def adial_socket(
     validate: bool = True,
 ) -> socket.socket:
     """Async SOCKS connect; returns the connected (non-blocking) socket."""
-    from python_socks import ProxyError, ProxyType
+    from python_socks import ProxyType
     from python_socks.async_.asyncio import Proxy
 
     host = _check_destination(host, validate)
@@ -155,11 +153,7 @@ async def adial_socket(
     proxy_client = Proxy(ProxyType.SOCKS5, **_proxy_kwargs(host, proxy, isolate))
     try:
         return await proxy_client.connect(dest_host=host, dest_port=port, timeout=timeout)
-    except asyncio.CancelledError:
-        raise
-    except (ProxyError, OSError, TimeoutError) as exc:
-        raise _translate(exc, destination, proxy, timeout) from exc
-    except Exception as exc:
+    except Exception as exc:  # CancelledError is a BaseException: it passes through
         raise _translate(exc, destination, proxy, timeout) from exc
 
 
