@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from . import __version__, exitcodes
-from .config import add_common_arguments
 
 COMMAND_MODULES = ["core", "testnet", "serve", "deliver", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import add_common_arguments
+
     common = argparse.ArgumentParser(add_help=False)
     add_common_arguments(common)
     parser = argparse.ArgumentParser(
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deliver"]:  # Postfix pipe(8): one process per message; must never exit
+        from .cli_deliver import main as deliver_main  # 64/78 (pipe bounces on those)
+
+        return deliver_main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(verbosity: int) -> None:
+    import logging
+
     level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="torroute: %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
