@@ -33,7 +33,7 @@ class ConfigError(PermanentError):
     """The configuration or a command-line option is unusable."""
 
 
-class MapError(PermanentError):
+class MapError(ConfigError):
     """A map file cannot be read at all (a bad single entry is only skipped and logged)."""
 
 
