@@ -26,6 +26,10 @@ def register(subparsers, common) -> None:
                    help="Postfix tcp_table listener (repeatable)")
     p.add_argument("--exim", action="append", metavar=ENDPOINT,
                    help="Exim readsocket line-protocol listener (repeatable)")
+    p.add_argument("--lmtp", action="append", metavar=ENDPOINT,
+                   help="LMTP relay listener for Postfix's lmtp client (repeatable): onion "
+                   "routes are then answered '<lmtp_transport>:<first listener>' and the daemon "
+                   "relays each message to the onion MX through tor (see docs/postfix.rst)")
     p.add_argument("--allow-remote", action="store_true", default=None,
                    help="allow inet listeners on non-loopback addresses (lookups are "
                    "unauthenticated)")
@@ -55,8 +59,9 @@ def run(args: argparse.Namespace, config) -> int:
 
     settings = ServeSettings.from_config(config, args)
     if not any(settings.listeners.values()):
-        print("torroute serve: no listeners: give --socketmap, --tcp-table or --exim "
-              "(or [serve] socketmap/tcp_table/exim in the configuration)", file=sys.stderr)
+        print("torroute serve: no listeners: give --socketmap, --tcp-table, --exim or "
+              "--lmtp (or [serve] socketmap/tcp_table/exim/lmtp in the configuration)",
+              file=sys.stderr)
         return exitcodes.USAGE
     if settings.log_decisions and not args.verbose:
         logging.getLogger("torroute.server").setLevel(logging.INFO)

@@ -18,6 +18,7 @@ import grp
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -55,7 +56,7 @@ from .routing import (
 
 log = logging.getLogger(__name__)
 
-KINDS = ("socketmap", "tcp_table", "exim")
+KINDS = ("socketmap", "tcp_table", "exim", "lmtp")
 
 #: Bound of the per-daemon memo tables (static decisions, reply bytes); cleared when full.
 MEMO_SIZE = 50_000
@@ -116,6 +117,12 @@ class ServeSettings:
     max_connections: int = 4096
     log_decisions: bool = True
     event_loop: str = "auto"  # "auto" (uvloop if installed), "uvloop", "asyncio"
+    # LMTP relay mode (see docs/postfix.rst): with an lmtp listener, onion routes are
+    # answered "{lmtp_transport}:<listener>" and the daemon relays what Postfix hands it
+    lmtp_transport: str = "torroute-lmtp"
+    lmtp_idle_timeout: float = 10.0  # keep relay connections to an onion this long unused
+    lmtp_time_limit: float = 540.0  # per transaction; below Postfix's lmtp_data_done_timeout
+    lmtp_max_size: int = 64 * 1024 * 1024
 
     @classmethod
     def from_config(cls, config: Config, args: Any = None) -> ServeSettings:
@@ -124,7 +131,8 @@ class ServeSettings:
         known = {
             "socketmap", "tcp_table", "exim", "allow_remote", "socket_mode", "socket_group",
             "transport", "postfix_answer", "max_request", "automap_timeout", "drain_timeout",
-            "max_connections", "log_decisions", "event_loop",
+            "max_connections", "log_decisions", "event_loop", "lmtp", "lmtp_transport",
+            "lmtp_idle_timeout", "lmtp_time_limit", "lmtp_max_size",
         }  # fmt: skip
         unknown = set(table) - known
         if unknown:
@@ -153,6 +161,10 @@ class ServeSettings:
                 max_connections=int(table.get("max_connections", 4096)),
                 log_decisions=_bool(table.get("log_decisions", True), "log_decisions"),
                 event_loop=str(table.get("event_loop", "auto")),
+                lmtp_transport=str(table.get("lmtp_transport", "torroute-lmtp")),
+                lmtp_idle_timeout=float(table.get("lmtp_idle_timeout", 10.0)),
+                lmtp_time_limit=float(table.get("lmtp_time_limit", 540.0)),
+                lmtp_max_size=int(table.get("lmtp_max_size", 64 * 1024 * 1024)),
             )
         except (TypeError, ValueError, ProtocolError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -190,6 +202,11 @@ class ServeSettings:
             postfix_value(self.postfix_answer, self.transport, "a" * 56 + ".onion", 25)
         except ProtocolError as exc:
             raise ConfigError(f"transport {self.transport!r}: {exc}") from None
+        if self.lmtp_idle_timeout < 0 or self.lmtp_time_limit <= 0 or self.lmtp_max_size < 1024:
+            raise ConfigError("lmtp_idle_timeout, lmtp_time_limit, lmtp_max_size out of range")
+        if self.lmtp_answer is not None and not _LMTP_ANSWER.fullmatch(self.lmtp_answer):
+            raise ConfigError(f"lmtp_transport/listener give an unusable Postfix answer "
+                              f"{self.lmtp_answer!r}")
         if not self.allow_remote:
             for kind, endpoints in self.listeners.items():
                 for ep in endpoints:
@@ -199,6 +216,21 @@ class ServeSettings:
                             "unauthenticated; pass --allow-remote (allow_remote = true) if you "
                             "really mean it"
                         )
+
+
+    @property
+    def lmtp_answer(self) -> str | None:
+        """The transport_maps answer for every onion route in LMTP mode, e.g.
+        ``torroute-lmtp:unix:/run/torroute/lmtp.sock``; None without an lmtp listener."""
+        endpoints = self.listeners.get("lmtp", ())
+        if not endpoints:
+            return None
+        return f"{self.lmtp_transport}:{endpoints[0]}"
+
+
+# A constant from the configuration, never request text; unlike route values it has a '/'.
+_LMTP_ANSWER = re.compile(r"[A-Za-z0-9._-]{1,64}:(unix:/[A-Za-z0-9._/-]{1,500}|"
+                                        r"inet:[A-Za-z0-9.:\[\]-]{1,300})")
 
 
 def _bool(value: Any, name: str) -> bool:
@@ -248,11 +280,16 @@ class _Postfix(_Protocol):
             if reply is not None:
                 return reply
             s = self.daemon.settings
-            try:
-                value = postfix_value(s.postfix_answer, s.transport, decision.onion, decision.port)
-            except ProtocolError as exc:  # cannot happen for validated routes: defer anyway
-                return codec.temp(f"unusable route: {exc}")
-            reply = codec.found(value)
+            lmtp = s.lmtp_answer
+            if lmtp is not None:  # validated at start-up; the relay routes each recipient
+                reply = self.found_raw(lmtp.encode("ascii"))
+            else:
+                try:
+                    value = postfix_value(s.postfix_answer, s.transport, decision.onion,
+                                          decision.port)
+                except ProtocolError as exc:  # cannot happen for validated routes: defer
+                    return codec.temp(f"unusable route: {exc}")
+                reply = codec.found(value)
             if len(self.found_cache) >= MEMO_SIZE:
                 self.found_cache.clear()
             self.found_cache[key] = reply
@@ -266,10 +303,16 @@ class _Postfix(_Protocol):
     def temp(self, reason: str) -> bytes:
         return self.codec.temp(reason)
 
+    def found_raw(self, value: bytes) -> bytes:
+        raise NotImplementedError
+
 
 class _Socketmap(_Postfix):
     name = "socketmap"
     codec = socketmap
+
+    def found_raw(self, value: bytes) -> bytes:
+        return socketmap.encode_netstring(b"OK " + value)
 
     def parser(self, max_request: int) -> socketmap.SocketmapParser:
         return socketmap.SocketmapParser(max_request)
@@ -278,6 +321,9 @@ class _Socketmap(_Postfix):
 class _TcpTable(_Postfix):
     name = "tcp_table"
     codec = tcptable
+
+    def found_raw(self, value: bytes) -> bytes:
+        return b"200 " + tcptable.encode(value) + b"\n"
 
     def parser(self, max_request: int) -> tcptable.TcpTableParser:
         return tcptable.TcpTableParser(max_request)
@@ -460,6 +506,110 @@ class _Connection(asyncio.Protocol):
         return not self.backlog and self.worker is None
 
 
+# -- the LMTP relay -------------------------------------------------------------------------
+class LmtpService:
+    """LMTP sessions (one coroutine each, no thread) feeding :class:`torroute.relay.Relay`."""
+
+    def __init__(self, daemon: LookupDaemon) -> None:
+        from .deliver import DeliverSettings
+        from .relay import Relay
+
+        self.daemon = daemon
+        s = daemon.settings
+        self.relay = Relay(daemon.router, DeliverSettings.from_config(daemon.router.config),
+                           idle_timeout=s.lmtp_idle_timeout, time_limit=s.lmtp_time_limit)
+        self.sessions: dict[asyncio.Task, bool] = {}  # task -> busy relaying
+        self.writers: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        daemon.on_reload.append(self.reload)
+
+    def reload(self) -> None:
+        from .deliver import DeliverSettings
+
+        try:
+            self.relay.settings = DeliverSettings.from_config(self.daemon.router.config)
+        except ConfigError as exc:
+            log.error("lmtp: keeping the old [deliver] settings: %s", exc)
+        self.relay.time_limit = self.daemon.settings.lmtp_time_limit
+        self.relay.pool.idle_timeout = self.daemon.settings.lmtp_idle_timeout
+
+    def factory(self) -> asyncio.StreamReaderProtocol:
+        reader = asyncio.StreamReader(limit=1 << 16)
+        return asyncio.StreamReaderProtocol(reader, self.session)
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        from .protocols import lmtp
+
+        task = asyncio.current_task()
+        assert task is not None
+        if self.daemon.stopping:
+            writer.write(lmtp.reply(421, "4.3.2", "shutting down"))
+            writer.close()
+            return
+        self.sessions[task] = False
+        self.writers[task] = writer
+        s = self.daemon.settings
+        codec = lmtp.LmtpServer(max_size=s.lmtp_max_size)
+        try:
+            writer.write(codec.greeting())
+            while not codec.closed:
+                data = await reader.read(65536)
+                events = codec.feed(data) if data else codec.eof()
+                for ev in events:
+                    if isinstance(ev, lmtp.Send):
+                        writer.write(ev.data)
+                    elif isinstance(ev, lmtp.Transaction):
+                        self.sessions[task] = True
+                        started = time.perf_counter()
+                        try:
+                            replies = await self.relay.relay(ev)
+                        except Exception:  # never reached (relay defers itself): still defer
+                            log.exception("lmtp: relay failed")
+                            replies = []
+                        writer.write(lmtp.data_replies(replies, len(ev.recipients)))
+                        self.sessions[task] = False
+                        self._log(ev, replies, started)
+                    elif isinstance(ev, lmtp.Close):
+                        break
+                await writer.drain()
+                if self.daemon.stopping:
+                    break
+        except (ConnectionError, OSError) as exc:
+            log.debug("lmtp: session ended: %s", exc)
+        finally:
+            self.sessions.pop(task, None)
+            self.writers.pop(task, None)
+            writer.close()
+            self.daemon._connection_gone()
+
+    def _log(self, ev: Any, replies: list[bytes], started: float) -> None:
+        if not self.daemon.log_decisions:
+            return
+        ms = (time.perf_counter() - started) * 1000
+        for rcpt, r in zip(ev.recipients, replies, strict=False):
+            said = sanitize_reason(r.decode("ascii", "replace"))
+            line = (f"lmtp rcpt={sanitize_reason(rcpt.decode('utf-8', 'replace'), 300)} "
+                    f"size={len(ev.message)} reply={said!r} ms={ms:.0f}")
+            if self.daemon.write_line is not None:
+                self.daemon.write_line(line)
+            else:
+                log.info("%s", line)
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Idle sessions close now; sessions relaying a message get ``drain_timeout`` to
+        answer it, then are cancelled (their mail stays in Postfix's queue, deferred)."""
+        for task, busy in list(self.sessions.items()):
+            if not busy:
+                self.writers[task].close()
+        busy_tasks = [t for t, b in self.sessions.items() if b]
+        if busy_tasks:
+            done, pending = await asyncio.wait(busy_tasks, timeout=drain_timeout)
+            for task in pending:
+                task.cancel()
+        if self.sessions:
+            await asyncio.wait(list(self.sessions), timeout=2)
+        self.relay.close()
+
+
 # -- the daemon ----------------------------------------------------------------------------
 class LookupDaemon:
     """Listeners + router.  ``await start()``, then ``reload()`` / ``await stop()``."""
@@ -489,6 +639,7 @@ class LookupDaemon:
         self.stopping = False
         self.malformed = 0
         self._all_gone: asyncio.Event | None = None
+        self.lmtp: LmtpService | None = None
 
     # decisions
     def quick_decision(self, key: str) -> Decision | None:
@@ -544,15 +695,21 @@ class LookupDaemon:
         loop = asyncio.get_running_loop()
         protos = {"socketmap": _Socketmap, "tcp_table": _TcpTable, "exim": _Exim}
         if not any(self.settings.listeners.values()):
-            raise ConfigError("no listeners: give --socketmap, --tcp-table or --exim "
-                              "(or [serve] socketmap/tcp_table/exim)")
+            raise ConfigError("no listeners: give --socketmap, --tcp-table, --exim or --lmtp "
+                              "(or [serve] socketmap/tcp_table/exim/lmtp)")
         try:
             for kind, endpoints in self.settings.listeners.items():
                 for ep in endpoints:
-                    proto = protos[kind](self)
+                    factory: Callable[[], asyncio.BaseProtocol]
+                    if kind == "lmtp":
+                        if self.lmtp is None:
+                            self.lmtp = LmtpService(self)
+                        factory = self.lmtp.factory
+                    else:
+                        proto = protos[kind](self)
 
-                    def factory(proto: _Protocol = proto) -> _Connection:
-                        return _Connection(self, proto)
+                        def factory(proto: _Protocol = proto) -> _Connection:
+                            return _Connection(self, proto)
 
                     if ep.family == "unix":
                         server = await self._unix_server(loop, factory, ep)
@@ -646,6 +803,8 @@ class LookupDaemon:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self.lmtp is not None:
+            await self.lmtp.stop(self.settings.drain_timeout if drain else 0)
         for _kind, ep, server in self.servers:
             await server.wait_closed()
             if ep.family == "unix":  # only our own socket, not a successor's

@@ -179,14 +179,22 @@ def format_path(address: bytes) -> bytes:
 class Options(_Record):
     """Client behaviour ([deliver] settings); ``destination`` ("<onion>:25") is for messages."""
 
-    __slots__ = ("ehlo_name", "starttls", "pipelining", "destination")
+    __slots__ = ("ehlo_name", "starttls", "pipelining", "destination", "per_recipient",
+                 "keep_alive")
 
     def __init__(self, ehlo_name: str = "localhost", starttls: str = "no",
-                 pipelining: bool = True, destination: str = "") -> None:
+                 pipelining: bool = True, destination: str = "", per_recipient: bool = False,
+                 keep_alive: bool = False) -> None:
         self.ehlo_name = ehlo_name
         self.starttls = starttls  # "no" | "opportunistic" | "required"
         self.pipelining = pipelining
         self.destination = destination
+        # LMTP relay: each recipient gets its own status (partial delivery, as Postfix's smtp
+        # client does), instead of the pipe's all or nothing
+        self.per_recipient = per_recipient
+        # LMTP relay: after a finished transaction, leave the connection open for the next
+        # one (no QUIT; see SmtpClient.reusable and SmtpClient.resume)
+        self.keep_alive = keep_alive
 
 
 class Outcome(_Record):
@@ -304,6 +312,7 @@ class SmtpClient:
         self._data: Reply | None = None
         self._body_sent = False
         self._last_reply: Reply | None = None
+        self.reusable = False  # keep_alive: the connection may carry another transaction
         self.size = len(self.message) + self.message.count(b"\n")  # CRLF size, as SIZE wants
         self.eight_bit = is_8bit(self.message)
         envelope = [self.sender, *self.recipients]
@@ -368,7 +377,44 @@ class SmtpClient:
             self.outcome = outcome
         self.phase = "closed"
         self._expect = []
+        last = self._last_reply
+        if (quit and self.options.keep_alive and self._mail is not None and last is not None
+                and last.kind in (2, 5) and not self._parser.pending):
+            self.reusable = True  # the server answered the transaction and is still talking
+            return [Close()]
         return [Send(b"QUIT" + CRLF), Close()] if quit else [Close()]
+
+    def resume(self, extensions: dict[str, str]) -> list[Action]:
+        """Begin on a connection kept from an earlier transaction (greeting and EHLO done):
+        ``RSET`` first, pipelined with MAIL/RCPT(/DATA) when the server offers PIPELINING."""
+        self.phase = "command"
+        self.extensions = dict(extensions)
+        if not (self.options.pipelining and "PIPELINING" in self.extensions):
+            self._expect = ["RSET"]
+            return [Send(b"RSET" + CRLF)]
+        actions = self._begin_transaction()
+        first = actions[0]
+        if self.phase == "closed" or not isinstance(first, Send):
+            return actions
+        self._expect.insert(0, "RSET")
+        return [Send(b"RSET" + CRLF + first.data), *actions[1:]]
+
+    def recipient_outcomes(self) -> list[Outcome]:
+        """One outcome per recipient (``per_recipient``): its own RCPT refusal, else the
+        transaction's outcome."""
+        assert self.outcome is not None
+        if self._mail is None or self._mail.kind != 2:
+            return [self.outcome] * len(self.recipients)
+        result = []
+        for i, rcpt in enumerate(self.recipients):
+            r = self._rcpts[i] if i < len(self._rcpts) else None
+            if r is not None and r.kind != 2:
+                where = f"RCPT TO:<{rcpt.decode('utf-8', 'replace')}>"
+                out = outcome_for_reply(r, where, self.options.destination)
+                result.append(out)
+            else:
+                result.append(self.outcome)
+        return result
 
     def _on_reply(self, reply: Reply) -> list[Action]:
         self._last_reply = reply
@@ -382,6 +428,11 @@ class SmtpClient:
             return self._finish(temporary("4.5.0", self._said(
                 f"unexpected reply {reply.text()!r}")), quit=False)
         what = self._expect.pop(0)
+        if what == "RSET":
+            if reply.kind != 2:
+                return self._finish(temporary("4.4.2", self._said(
+                    f"reused connection: RSET answered {reply.text()!r}")), quit=False)
+            return [] if self._expect else self._begin_transaction()
         if what in ("EHLO", "HELO"):
             return self._on_hello(what, reply)
         if what == "STARTTLS":
@@ -460,7 +511,16 @@ class SmtpClient:
             rcpt = self.recipients[len(self._rcpts)]
             self._expect = ["RCPT"]
             return [Send(b"RCPT TO:" + format_path(rcpt) + CRLF)]
-        refused = recipients_outcome(self._rcpts, self.recipients, dest)
+        if self.options.per_recipient:
+            refusals = [(rcpt, r) for rcpt, r in zip(self.recipients, self._rcpts, strict=True)
+                        if r.kind != 2]
+            refused = None
+            if len(refusals) == len(self.recipients):  # nobody to send to
+                rcpt, r = refusals[0]
+                refused = outcome_for_reply(r, f"RCPT TO:<{rcpt.decode('utf-8', 'replace')}>",
+                                            dest)
+        else:
+            refused = recipients_outcome(self._rcpts, self.recipients, dest)
         if refused is not None:
             return self._abort_or_finish(refused)
         if self._data is None:

@@ -1,0 +1,320 @@
+"""The LMTP relay of ``torroute serve``: each transaction Postfix hands over is relayed to the
+recipients' onion MXs through tor, and answered per recipient only after the MX answered.
+
+Why here and not in Postfix's queue: the relay keeps no queue.  A recipient is answered 2xx only
+when the onion MX accepted the message, 5xx only when the MX refused it (or the onion address is
+invalid), and 4xx for everything else (tor/SOCKS down, timeouts, no route any more, DNS, any
+internal error), so Postfix stays the only queue and nothing is lost if the daemon dies.
+
+Routing: LMTP carries no nexthop, so every recipient is routed again with the daemon's own
+:class:`~torroute.routing.Router` (the decision Postfix just asked for is cached).  A recipient
+that no longer has an onion route is deferred: Postfix resolves it anew on the next attempt.
+
+Speed: SMTP connections through tor are kept per onion for a short idle time and reused
+(``RSET`` pipelined before the next ``MAIL``), which saves the SOCKS/circuit set-up, greeting and
+EHLO round trips.  Any error drops the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from .deliver import (
+    SOCKS_VERSION,
+    DeliverSettings,
+    SocksFailure,
+    envelope_sender,
+    looks_like_onion,
+    socks5_connect,
+    socks5_greeting,
+    socks5_reply_size,
+    socks5_userpass,
+    socks_outcome,
+)
+from .protocols.lmtp import Transaction, rcpt_reply
+from .routing import NoRoute, Reject, Route, Router
+from .smtp import (
+    BOUNCED,
+    DELIVERED,
+    Close,
+    Options,
+    Outcome,
+    Send,
+    SmtpClient,
+    StartTLS,
+    temporary,
+)
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]  # (onion, port)
+
+
+async def socks_open(host: str, port: int, proxy: tuple[str, int], timeout: float,
+                     isolate: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams to host:port through tor's SocksPort (the onion name goes to tor, resolved
+    nowhere else).  Raises OSError, TimeoutError or :class:`SocksFailure` as ``socks_dial``."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(proxy[0], proxy[1])
+        try:
+            writer.write(socks5_greeting(isolate))
+            head = await reader.readexactly(2)
+            if head[0] != SOCKS_VERSION or head[1] != (2 if isolate else 0):
+                raise SocksFailure(None, f"tor refused the SOCKS5 method ({head.hex()})")
+            if isolate:
+                writer.write(socks5_userpass(f"torroute:{host}".encode(), b"torroute"))
+                if (await reader.readexactly(2))[1] != 0:
+                    raise SocksFailure(None, "tor refused SOCKS5 username/password")
+            writer.write(socks5_connect(host, port))
+            head = await reader.readexactly(5)
+            if head[0] != SOCKS_VERSION:
+                raise SocksFailure(None, f"not a SOCKS5 reply ({head.hex()})")
+            if head[1] != 0:
+                raise SocksFailure(head[1])
+            await reader.readexactly(socks5_reply_size(head) - 5)
+        except asyncio.IncompleteReadError:
+            writer.close()
+            raise SocksFailure(None, "tor closed the SOCKS connection") from None
+        except BaseException:
+            writer.close()
+            raise
+    return reader, writer
+
+
+class _Conn:
+    """An SMTP connection through tor that has done greeting and EHLO."""
+
+    __slots__ = ("reader", "writer", "extensions", "idle_handle", "uses")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.extensions: dict[str, str] = {}
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.uses = 0
+
+    def close(self, quit: bool = False) -> None:
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        try:
+            if quit and not self.writer.is_closing():
+                self.writer.write(b"QUIT\r\n")
+            self.writer.close()
+        except (OSError, RuntimeError):
+            pass
+
+
+class ConnectionPool:
+    """Idle SMTP connections per onion, each closed (QUIT) after ``idle_timeout`` unused."""
+
+    def __init__(self, idle_timeout: float, max_idle: int = 16) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.idle: dict[Key, list[_Conn]] = {}
+
+    def take(self, key: Key) -> _Conn | None:
+        conns = self.idle.get(key)
+        while conns:
+            conn = conns.pop()
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if conn.reader.at_eof() or conn.writer.is_closing():
+                conn.close()
+                continue
+            return conn
+        return None
+
+    def give(self, key: Key, conn: _Conn) -> None:
+        conns = self.idle.setdefault(key, [])
+        if self.idle_timeout <= 0 or len(conns) >= self.max_idle:
+            conn.close(quit=True)
+            return
+        conns.append(conn)
+        loop = asyncio.get_running_loop()
+        conn.idle_handle = loop.call_later(self.idle_timeout, self._expire, key, conn)
+
+    def _expire(self, key: Key, conn: _Conn) -> None:
+        conns = self.idle.get(key, [])
+        if conn in conns:
+            conns.remove(conn)
+        conn.idle_handle = None
+        conn.close(quit=True)
+
+    def close_all(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.close(quit=True)
+        self.idle.clear()
+
+    def __len__(self) -> int:
+        return sum(map(len, self.idle.values()))
+
+
+def outcome_reply(outcome: Outcome) -> bytes:
+    """An Outcome as the LMTP reply for one recipient."""
+    code = 250 if outcome.status == DELIVERED else 550 if outcome.status == BOUNCED else 451
+    return rcpt_reply(code, outcome.dsn, outcome.text)
+
+
+class Relay:
+    """Relays LMTP transactions; ``settings`` are the ``[deliver]`` settings (EHLO name,
+    SocksPort, timeouts, STARTTLS, isolation), ``time_limit`` bounds one transaction (below
+    Postfix's lmtp_data_done_timeout, 600 s, so Postfix never gives up on an answer it would
+    then get)."""
+
+    def __init__(self, router: Router, settings: DeliverSettings, idle_timeout: float = 10.0,
+                 time_limit: float = 540.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.router = router
+        self.settings = settings
+        self.time_limit = time_limit
+        self.pool = ConnectionPool(idle_timeout)
+        self.clock = clock
+        self.stats = {"dialed": 0, "reused": 0}
+
+    async def relay(self, txn: Transaction) -> list[bytes]:
+        """One reply per recipient, in order.  Never raises (except cancellation)."""
+        replies: list[bytes | None] = [None] * len(txn.recipients)
+        groups: dict[Key, list[int]] = {}
+        for i, rcpt in enumerate(txn.recipients):
+            address = rcpt.decode("utf-8", "replace")
+            try:
+                decision = await self.router.aroute(address)
+            except Exception as exc:  # fail closed
+                log.exception("lmtp: routing %r failed", address[:300])
+                replies[i] = rcpt_reply(451, "4.3.0", f"routing failed: {type(exc).__name__}")
+                continue
+            if isinstance(decision, Route):
+                groups.setdefault((decision.onion, decision.port), []).append(i)
+            elif isinstance(decision, Reject):
+                replies[i] = rcpt_reply(550, "5.1.2", decision.reason)
+            elif isinstance(decision, NoRoute):
+                replies[i] = rcpt_reply(451, "4.3.0", f"no onion route for {decision.domain} "
+                                        "(any more); Postfix routes it again on retry")
+            else:
+                replies[i] = rcpt_reply(451, "4.4.3", f"{decision.domain}: {decision.reason}")
+        sender = envelope_sender(txn.sender.decode("utf-8", "surrogateescape"))
+
+        async def one(key: Key, indexes: list[int]) -> None:
+            rcpts = [txn.recipients[i] for i in indexes]
+            try:
+                async with asyncio.timeout(self.time_limit):
+                    outcomes = await self._deliver(key, sender, rcpts, txn.message)
+            except TimeoutError:
+                outcomes = [temporary("4.4.2", f"{key[0]}:{key[1]}: relay time limit "
+                                      f"{self.time_limit:g}s reached")] * len(rcpts)
+            except Exception as exc:  # any internal error defers
+                log.exception("lmtp: relay to %s failed", key[0])
+                outcomes = [temporary("4.3.0", f"internal error: {type(exc).__name__}")
+                            ] * len(rcpts)
+            for i, outcome in zip(indexes, outcomes, strict=True):
+                replies[i] = outcome_reply(outcome)
+
+        await asyncio.gather(*(one(k, v) for k, v in groups.items()))
+        return [r if r is not None else rcpt_reply(451, "4.3.0", "internal error: no result")
+                for r in replies]
+
+    async def _deliver(self, key: Key, sender: bytes, rcpts: list[bytes],
+                       message: bytes) -> list[Outcome]:
+        host, port = key
+        s = self.settings
+        destination = f"{host}:{port}"
+        if not looks_like_onion(host):
+            return [temporary("4.3.5", f"route {destination} is not a v3 .onion")] * len(rcpts)
+        for attempt in (0, 1):
+            conn = self.pool.take(key) if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                try:
+                    reader, writer = await socks_open(host, port, s.proxy, s.connect_timeout,
+                                                      s.isolate)
+                except (OSError, SocksFailure, ValueError, TimeoutError) as exc:
+                    outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
+                    return [outcome] * len(rcpts)
+                conn = _Conn(reader, writer)
+                self.stats["dialed"] += 1
+            else:
+                self.stats["reused"] += 1
+            options = Options(ehlo_name=s.ehlo_name, starttls=s.starttls,
+                              pipelining=s.pipelining, destination=destination,
+                              per_recipient=True, keep_alive=True)
+            client = SmtpClient(sender, rcpts, message, options)
+            actions = client.resume(conn.extensions) if reused else []
+            try:
+                outcome = await self._drive(conn, client, actions, host)
+            except BaseException:
+                conn.close()
+                raise
+            conn.uses += 1
+            if client.reusable:
+                conn.extensions = client.extensions
+                self.pool.give(key, conn)
+            else:
+                conn.close()
+            if reused and outcome.status != DELIVERED and not client._body_sent and \
+                    outcome.status != BOUNCED:
+                log.warning("lmtp: reused connection to %s failed (%s); dialing anew",
+                         destination, outcome.text)
+                continue  # a kept connection went stale: nothing was sent, try a fresh one
+            return client.recipient_outcomes()
+        raise AssertionError("unreachable")
+
+    async def _drive(self, conn: _Conn, client: SmtpClient, actions: list, host: str
+                     ) -> Outcome:
+        """Run ``client`` over ``conn`` until it has an outcome (``deliver.run_session``'s
+        asyncio twin)."""
+        s = self.settings
+        reader, writer = conn.reader, conn.writer
+        while True:
+            while actions:
+                action = actions.pop(0)
+                if isinstance(action, Close):
+                    assert client.outcome is not None
+                    return client.outcome
+                if isinstance(action, Send):
+                    timeout = s.data_timeout if action.bulk else s.command_timeout
+                    try:
+                        writer.write(action.data)
+                        async with asyncio.timeout(timeout):
+                            await writer.drain()
+                    except TimeoutError:
+                        return client.timed_out(timeout)
+                    except OSError as exc:
+                        return client.connection_lost(exc.strerror or str(exc))
+                elif isinstance(action, StartTLS):
+                    try:
+                        async with asyncio.timeout(s.command_timeout):
+                            await writer.start_tls(_tls_context(s.tls_verify),
+                                                   server_hostname=host)
+                    except (OSError, TimeoutError) as exc:
+                        return client.tls_failed(str(exc))
+                    actions = client.tls_started() + actions
+            timeout = s.data_timeout if client.phase == "data-end" else s.command_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await reader.read(65536)
+            except TimeoutError:
+                return client.timed_out(timeout)
+            except OSError as exc:
+                return client.connection_lost(exc.strerror or str(exc))
+            if not data:
+                return client.connection_lost("connection closed by the server")
+            actions = client.receive(data)
+
+    def close(self) -> None:
+        self.pool.close_all()
+
+
+def _tls_context(verify: bool):
+    import ssl
+
+    context = ssl.create_default_context()
+    if not verify:  # the onion address already authenticates the server's key
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
