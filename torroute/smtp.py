@@ -379,7 +379,7 @@ class SmtpClient:
         self._expect = []
         last = self._last_reply
         if (quit and self.options.keep_alive and self._mail is not None and last is not None
-                and last.kind in (2, 5) and not self._parser.pending):
+                and last.kind in (2, 4, 5) and last.code != 421 and not self._parser.pending):
             self.reusable = True  # the server answered the transaction and is still talking
             return [Close()]
         return [Send(b"QUIT" + CRLF), Close()] if quit else [Close()]
