@@ -4,6 +4,7 @@ against real parts (dnsmasq, the private Tor network, aiosmtpd behind an onion).
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,46 @@ def test_lmtp_listener_settings(serve_dir) -> None:
         settings("inet:192.0.2.1:24")
     with pytest.raises(ConfigError, match="unusable Postfix answer"):
         settings("unix:/tmp/with space/lmtp.sock")
+
+
+@pytest.mark.testnet
+def test_client_leaving_mid_relay_cancels_it(testnet, dnsmasq_factory, daemon_factory,
+                                             serve_dir, fake_smtp_factory) -> None:
+    """Postfix drops the LMTP session while the relay waits for a silent MX: the relay is
+    cancelled (nothing was sent, so a retry cannot duplicate), the daemon carries on."""
+    import socket
+
+    from fixtures_server import wait_socket
+
+    silent = fake_smtp_factory("silent")  # fake: an MX that never answers, on demand
+    onion = testnet.net.add_onion({25: silent.address})
+    try:
+        dns = dnsmasq_factory([])
+        (serve_dir / "map.txt").write_text(f"pinned.test {onion}\n")
+        cfg = serve_dir / "torroute.toml"
+        cfg.write_text(f'[routing]\nmaps = ["{serve_dir / "map.txt"}"]\nnameservers = '
+                       f'["127.0.0.1:{dns.port}"]\n[tor]\nsocks = "{testnet.socks_extended[0]}:'
+                       f'{testnet.socks_extended[1]}"\n')
+        sock_path = serve_dir / "lmtp.sock"
+        daemon = daemon_factory("--config", str(cfg), "--lmtp", f"unix:{sock_path}")
+        wait_socket(str(sock_path), proc=daemon.proc)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock_path))
+            client.settimeout(10)
+            assert client.recv(1024).startswith(b"220 ")
+            client.sendall(b"LHLO t\r\nMAIL FROM:<a@o.test>\r\nRCPT TO:<u@pinned.test>\r\n"
+                           b"DATA\r\n")
+            got = b""
+            while b"354 " not in got:
+                got += client.recv(1024)
+            client.sendall(b"Subject: s\r\n\r\nbody\r\n.\r\n")
+            time.sleep(1.5)  # the relay has dialed the onion and waits for a greeting
+        daemon.wait_log("lmtp: client left during the relay; relay cancelled", timeout=20)
+        with socket.socket(socket.AF_UNIX) as again:  # still serving
+            again.connect(str(sock_path))
+            again.settimeout(10)
+            assert again.recv(1024).startswith(b"220 ")
+            again.sendall(b"QUIT\r\n")
+            assert again.recv(1024).startswith(b"221 ")
+    finally:
+        testnet.net.remove_onion(onion)

@@ -549,10 +549,11 @@ class LmtpService:
         self.writers[task] = writer
         s = self.daemon.settings
         codec = lmtp.LmtpServer(max_size=s.lmtp_max_size)
+        pending: list[bytes] = []  # read while a relay ran (a client that pipelines past DATA)
         try:
             writer.write(codec.greeting())
             while not codec.closed:
-                data = await reader.read(65536)
+                data = pending.pop(0) if pending else await reader.read(65536)
                 events = codec.feed(data) if data else codec.eof()
                 for ev in events:
                     if isinstance(ev, lmtp.Send):
@@ -561,10 +562,12 @@ class LmtpService:
                         self.sessions[task] = True
                         started = time.perf_counter()
                         try:
-                            replies = await self.relay.relay(ev)
+                            replies = await self._relay_watching(ev, reader, pending)
                         except Exception:  # never reached (relay defers itself): still defer
                             log.exception("lmtp: relay failed")
                             replies = []
+                        if replies is None:  # the client left: nobody to answer
+                            return
                         writer.write(lmtp.data_replies(replies, len(ev.recipients)))
                         self.sessions[task] = False
                         self._log(ev, replies, started)
@@ -581,12 +584,43 @@ class LmtpService:
             writer.close()
             self.daemon._connection_gone()
 
+    async def _relay_watching(self, ev: Any, reader: asyncio.StreamReader,
+                              pending: list[bytes]) -> list[bytes] | None:
+        """Relay ``ev`` while watching the LMTP client: if it goes away (Postfix gave up, was
+        stopped), the relay is cancelled -- before the final '.' reached the MX that means
+        nothing is delivered, so Postfix's retry cannot duplicate it.  None: client gone."""
+        relay = asyncio.ensure_future(self.relay.relay(ev))
+        watch: asyncio.Future | None = asyncio.ensure_future(reader.read(65536))
+        try:
+            while watch is not None and not relay.done():
+                await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if watch.done() and not relay.done():
+                    data = b"" if watch.cancelled() or watch.exception() else watch.result()
+                    if not data:
+                        log.warning("lmtp: client left during the relay; relay cancelled")
+                        relay.cancel()
+                        await asyncio.gather(relay, return_exceptions=True)
+                        return None
+                    pending.append(data)  # pipelined input: keep it for after the replies
+                    watch = None
+            return await relay
+        finally:
+            if not relay.done():  # we are cancelled (shutdown): the relay goes with us
+                relay.cancel()
+            if watch is not None and not watch.done():
+                watch.cancel()
+            elif watch is not None and not watch.cancelled() and watch.exception() is None:
+                if watch.result():
+                    pending.append(watch.result())
+                else:
+                    pending.append(b"")  # EOF right after the transaction
+
     def _log(self, ev: Any, replies: list[bytes], started: float) -> None:
         if not self.daemon.log_decisions:
             return
         ms = (time.perf_counter() - started) * 1000
         for rcpt, r in zip(ev.recipients, replies, strict=False):
-            said = sanitize_reason(r.decode("ascii", "replace"))
+            said = sanitize_reason(r.decode("ascii", "replace").strip())
             line = (f"lmtp rcpt={sanitize_reason(rcpt.decode('utf-8', 'replace'), 300)} "
                     f"size={len(ev.message)} reply={said!r} ms={ms:.0f}")
             if self.daemon.write_line is not None:
