@@ -128,3 +128,15 @@ def test_parse_hostport(text: str, expected) -> None:
 def test_parse_hostport_rejects(bad: str) -> None:
     with pytest.raises(ConfigError):
         parse_hostport(bad)
+
+
+def test_shipped_example_configs_load() -> None:
+    """contrib/torroute.toml and the plugin's toml are valid for every section they set."""
+    from torroute.server import ServeSettings
+
+    repo = Path(__file__).resolve().parent.parent
+    for path in (repo / "contrib/torroute.toml", repo / "plugins/postfix_pipe/torroute.toml"):
+        config = load_config(path)
+        assert config.path == path
+        ServeSettings.from_config(config)
+    assert load_config(repo / "contrib/torroute.toml").section("serve")["lmtp_transport"]
