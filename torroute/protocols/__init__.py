@@ -136,3 +136,46 @@ def postfix_value(template: str, transport: str, onion: str, port: int) -> str:
         colon_port_unless_25="" if port == 25 else f":{port}",
     )
     return check_value(value)
+
+
+class LineParser:
+    """Incremental LF-terminated line framing shared by the line codecs.  ``feed`` never raises:
+    each complete line becomes one event (``_line``), an over-long line one ``_too_long`` event
+    while the rest of it is discarded up to its LF."""
+
+    __slots__ = ("_buf", "_max", "_discarding")
+
+    def __init__(self, max_request: int = DEFAULT_MAX_REQUEST) -> None:
+        self._buf = b""
+        self._max = max_request
+        self._discarding = False
+
+    def _line(self, line: bytes) -> Event:
+        raise NotImplementedError
+
+    def _too_long(self) -> Event:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Add bytes; one event per complete line (an oversized line: one error)."""
+        buf = self._buf + data if self._buf else data
+        events: list[Event] = []
+        start = 0
+        while True:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            if self._discarding:
+                self._discarding = False
+            else:
+                events.append(self._line(buf[start:nl]))
+            start = nl + 1
+        rest = buf[start:]
+        if len(rest) > self._max:
+            if not self._discarding:
+                events.append(self._too_long())
+            self._discarding = True
+            rest = b""
+        self._buf = rest
+        return events
+

@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from . import DEFAULT_MAX_REQUEST, Event, Lookup, Malformed, ProtocolError, sanitize_reason
+from . import (
+    Event,
+    LineParser,
+    Lookup,
+    Malformed,
+    ProtocolError,
+    sanitize_reason,
+)
 
 __all__ = [
     "EximLineError",
@@ -96,38 +103,13 @@ def parse_answer(line: bytes) -> tuple[str, str]:
     raise EximLineError("bad answer line")
 
 
-class EximLineParser:
+class EximLineParser(LineParser):
     """Incremental request parser.  ``feed`` never raises; errors become events."""
 
-    __slots__ = ("_buf", "_max", "_discarding")
+    __slots__ = ()
 
-    def __init__(self, max_request: int = DEFAULT_MAX_REQUEST) -> None:
-        self._buf = b""
-        self._max = max_request
-        self._discarding = False
-
-    def feed(self, data: bytes) -> list[Event]:
-        """Add bytes; one event per complete line (an oversized line: one error)."""
-        buf = self._buf + data if self._buf else data
-        events: list[Event] = []
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._discarding:
-                self._discarding = False
-            else:
-                events.append(self._line(buf[start:nl]))
-            start = nl + 1
-        rest = buf[start:]
-        if len(rest) > self._max:
-            if not self._discarding:
-                events.append(Malformed(error("request too long"), False, "too long"))
-            self._discarding = True
-            rest = b""
-        self._buf = rest
-        return events
+    def _too_long(self) -> Event:
+        return Malformed(error("request too long"), False, "too long")
 
     def eof(self) -> list[Event]:
         """The peer half-closed: a final unterminated line still counts as a request."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 from . import (
-    DEFAULT_MAX_REQUEST,
     POSTFIX_REJECT,
     Event,
+    LineParser,
     Lookup,
     Malformed,
     ProtocolError,
@@ -131,38 +131,13 @@ def parse_reply(line: bytes) -> tuple[int, str]:
     return int(code), decode(text).decode("utf-8", "replace")
 
 
-class TcpTableParser:
+class TcpTableParser(LineParser):
     """Incremental tcp_table request parser.  ``feed`` never raises; errors become events."""
 
-    __slots__ = ("_buf", "_max", "_discarding")
+    __slots__ = ()
 
-    def __init__(self, max_request: int = DEFAULT_MAX_REQUEST) -> None:
-        self._buf = b""
-        self._max = max_request
-        self._discarding = False
-
-    def feed(self, data: bytes) -> list[Event]:
-        """Add bytes; return one event per complete line (oversized lines: one error each)."""
-        buf = self._buf + data if self._buf else data
-        events: list[Event] = []
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            if self._discarding:
-                self._discarding = False
-            else:
-                events.append(self._line(buf[start:nl]))
-            start = nl + 1
-        rest = buf[start:]
-        if len(rest) > self._max:
-            if not self._discarding:
-                events.append(Malformed(temp("request too long"), False, "too long"))
-            self._discarding = True
-            rest = b""
-        self._buf = rest
-        return events
+    def _too_long(self) -> Event:
+        return Malformed(temp("request too long"), False, "too long")
 
     def eof(self) -> list[Event]:
         """The peer closed: Postfix always ends its lines, so a partial line is dropped."""
