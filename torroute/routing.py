@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
@@ -202,14 +202,14 @@ class Router:
     """The routing core shared by the CLI, the daemon and library users."""
 
     config: Config
-    pins: PinMap = field(default_factory=PinMap)
+    pins: PinMap | None = None  # None: loaded from config.maps
 
     def __post_init__(self) -> None:
         self.cache = DecisionCache(self.config.cache_size)
         self._inflight: dict[str, asyncio.Future[Decision]] = {}  # one DNS query per domain
         self._nameservers: list[HostPort] | None = None
         self.dns_queries = 0  # counts queries sent, for tests and stats
-        if not len(self.pins) and self.config.maps:
+        if self.pins is None:
             self.pins = load_maps(self.config.maps, self.config.default_port)
 
     @classmethod
@@ -282,6 +282,14 @@ class Router:
                 self._nameservers = [(str(ns), resolver.port) for ns in resolver.nameservers]
         return self._nameservers
 
+    def _judge(self, domain: str, query: dns.message.Message, response: dns.message.Message,
+               host: str, port: int) -> tuple[Decision, float] | str:
+        """A final decision with its TTL, or why this nameserver's answer is a failure."""
+        decision, ttl = decide_srv(domain, query, response, self.config)
+        if isinstance(decision, TempFail):
+            return f"{decision.reason} from {host}:{port}"
+        return decision, ttl
+
     def _lookup_sync(self, domain: str) -> tuple[Decision, float]:
         import dns.query
 
@@ -298,11 +306,11 @@ class Router:
             except (dns.exception.DNSException, OSError) as exc:
                 failure = _describe(exc, host, port)
                 continue
-            decision, ttl = decide_srv(domain, query, response, self.config)
-            if isinstance(decision, TempFail):
-                failure = f"{decision.reason} from {host}:{port}"
+            outcome = self._judge(domain, query, response, host, port)
+            if isinstance(outcome, str):
+                failure = outcome  # try the next nameserver
                 continue
-            return decision, ttl
+            return outcome
         return TempFail(domain, failure), 0.0
 
     async def _lookup_async(self, domain: str) -> tuple[Decision, float]:
@@ -322,11 +330,11 @@ class Router:
             except (dns.exception.DNSException, OSError) as exc:
                 failure = _describe(exc, host, port)
                 continue
-            decision, ttl = decide_srv(domain, query, response, self.config)
-            if isinstance(decision, TempFail):
-                failure = f"{decision.reason} from {host}:{port}"
+            outcome = self._judge(domain, query, response, host, port)
+            if isinstance(outcome, str):
+                failure = outcome  # try the next nameserver
                 continue
-            return decision, ttl
+            return outcome
         return TempFail(domain, failure), 0.0
 
 
