@@ -934,6 +934,11 @@ class PrivateNetwork:
                 raise BootError(f"SOCKS connect to {onion}:{vport} never succeeded ({code}); "
                                 f"is something listening on {self.onion_ports.get(vport)}?",
                                 client.name, client.log_tail())
+            if last is None:
+                # the stream hung (seen once under load: every HSDir fetch failed, "No more
+                # HSDir available to query"): NEWNYM purges the client's onion-service state
+                # and circuits, so the next attempt fetches the descriptor afresh
+                self.newnym()
             time.sleep(1.0 if last == SOCKS_DESCRIPTOR_NOT_FOUND else 0.3)
 
     # ---- more onion services
