@@ -30,7 +30,15 @@ else
     mkdir -p "$PREFIX"
     dpkg-deb -x "$d"/exim4-daemon-heavy_*.deb "$PREFIX"
     rm -rf "$d"
-    "$PREFIX/usr/sbin/exim4" -bV 2>/dev/null | grep "^Exim version"
+    # exim4 -bV exits 1 when no configuration exists yet (a fresh machine): judge its output,
+    # not its status.
+    version=$("$PREFIX/usr/sbin/exim4" -bV 2>/dev/null || true)
+    if [[ "$version" != "Exim version"* ]]; then
+        echo "install-exim: $PREFIX/usr/sbin/exim4 -bV does not run:" >&2
+        "$PREFIX/usr/sbin/exim4" -bV >&2 || true
+        exit 1
+    fi
+    echo "install-exim: ${version%%$'\n'*}"
 fi
 
 # -C configs must be listed here or Exim drops privilege; tests append their own paths.
