@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -267,3 +268,61 @@ def test_leading_dot_patterns_in_config(tmp_path) -> None:
     assert config.ignore_domains == [".internal.example"]
     assert Router(config).route("x@a.internal.example") == NoRoute("a.internal.example",
                                                                    "ignored domain")
+
+
+def test_an_invalid_pin_defers_and_never_asks_dns(dns: Dnsmasq, tmp_path: Path) -> None:
+    """pinned.test has an SRV record: a typo in its pin must not fall through to it."""
+    typo = ONION_A[:20] + ("a" if ONION_A[20] != "a" else "b") + ONION_A[21:]
+    pinfile = tmp_path / "pins.txt"
+    pinfile.write_text(f"ok.test {ONION_B}\npinned.test {typo}\n")
+    router = router_for(dns.address, maps=[pinfile])
+    for decision in (router.route("u@pinned.test"), asyncio.run(router.aroute("pinned.test"))):
+        assert isinstance(decision, TempFail)
+        assert decision.reason.startswith(f"invalid pin at {pinfile}:2: ")
+        assert "checksum" in decision.reason
+    assert router.dns_queries == 0
+    assert router.route("ok.test").onion == ONION_B
+
+
+def test_an_ignored_v2_pin_routes_as_if_unpinned(dns: Dnsmasq, tmp_path: Path) -> None:
+    pinfile = tmp_path / "map.yml"
+    pinfile.write_text("expyuzz4wqqyqhjn.onion:\n  - pinned.test\n  - nosrv.test\n")
+    router = router_for(dns.address, maps=[pinfile])
+    srv = router.route("pinned.test")
+    assert isinstance(srv, Route) and (srv.onion, srv.source) == (ONION_C, "srv")
+    assert isinstance(router.route("nosrv.test"), NoRoute)
+    deferring = router_for(dns.address, maps=[pinfile], v2_pins="defer")
+    decision = deferring.route("pinned.test")
+    assert isinstance(decision, TempFail) and f"invalid pin at {pinfile}:2" in decision.reason
+    assert deferring.dns_queries == 0
+
+
+def test_reload_with_a_broken_map_keeps_the_whole_old_configuration(dns: Dnsmasq,
+                                                                     tmp_path: Path) -> None:
+    from torroute.errors import MapError
+
+    pinfile = tmp_path / "map.yml"
+    pinfile.write_text(f"{ONION_A}:\n  - pinned.test\n")
+    router = router_for(dns.address, maps=[pinfile])
+    assert router.route("pinned.test").onion == ONION_A
+    pinfile.write_text(f"{ONION_A}:\n  - pinned.test\n  - 'new.test\n")
+    with pytest.raises(MapError, match=rf"^{pinfile}:3: YAML syntax error"):
+        router.reload(Config(nameservers=[dns.address], maps=[pinfile], local_domains=["x.t"]))
+    assert router.route("pinned.test").onion == ONION_A
+    assert router.config.local_domains == []
+
+
+def test_a_dead_nameserver_fails_at_once_and_the_next_is_asked(dns: Dnsmasq) -> None:
+    """ICMP port unreachable: a connected UDP socket sees ECONNREFUSED, so the reason is
+    "unreachable", not "DNS timeout" (an unconnected socket waits the whole dns_timeout)."""
+    from realparts import free_port
+
+    dead = ("127.0.0.1", free_port(socket.SOCK_DGRAM))
+    router = router_for(dead, dns_timeout=5.0)
+    decision = router.route("example.test")
+    assert isinstance(decision, TempFail) and "unreachable" in decision.reason
+    decision = asyncio.run(router_for(dead, dns_timeout=5.0).aroute("example.test"))
+    assert isinstance(decision, TempFail) and "unreachable" in decision.reason
+    both = router_for(dead, dns.address, dns_timeout=5.0)
+    assert both.route("example.test").onion == ONION_A
+    assert asyncio.run(both.aroute("port.test")).onion == ONION_B

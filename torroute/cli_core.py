@@ -50,6 +50,10 @@ EXIT_FOR_KIND = {"route": exitcodes.OK, "noroute": exitcodes.NO_ROUTE,
 def run_route(args: argparse.Namespace, config) -> int:
     from .routing import Router
 
+    if not args.destination.strip():
+        print("torroute route: empty destination: give a domain or an address",
+              file=sys.stderr)
+        return exitcodes.USAGE
     router = Router.from_config(config)
     decision = router.route(args.destination)
     if args.json:

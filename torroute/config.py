@@ -67,6 +67,8 @@ class Config:
     negative_ttl: int = 300  # when a negative answer carries no SOA
     max_ttl: int = 86_400
     default_port: int = 25
+    #: a v2 pin (a dead service): "unpinned" ignores it (warning once per load), "defer" defers
+    v2_pins: str = "unpinned"
     tor_socks: HostPort = ("127.0.0.1", 9050)
     tor_dns: HostPort = ("127.0.0.1", 9053)
     tor_control: str = "unix:/run/tor/control"
@@ -98,6 +100,7 @@ _TOML_KEYS: dict[tuple[str, str], str] = {
     ("routing", "negative_ttl"): "negative_ttl",
     ("routing", "max_ttl"): "max_ttl",
     ("routing", "default_port"): "default_port",
+    ("routing", "v2_pins"): "v2_pins",
     ("tor", "socks"): "tor_socks",
     ("tor", "dns"): "tor_dns",
     ("tor", "control"): "tor_control",
@@ -132,6 +135,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             if number < 0 or (name == "default_port" and not 0 < number < 65536):
                 raise ConfigError("out of range")
             return number
+        if name == "v2_pins":
+            if value not in ("unpinned", "defer"):
+                raise ConfigError("expected \"unpinned\" or \"defer\"")
+            return value
         return str(value)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import dns.rdatatype
 
 from .config import Config, HostPort, normalize_domain
 from .errors import InvalidOnion
-from .maps import PinMap, load_maps
+from .maps import Pin, PinMap, load_maps
 from .onion import is_onion_name, parse_onion
 from .srv import SrvTarget, order_targets, valid_onion_targets
 
@@ -104,9 +105,12 @@ def decide_static(domain: str, config: Config, pins: PinMap) -> Decision | None:
         return NoRoute(domain, "local domain")
     if _matches(domain, config.ignore_domains):
         return NoRoute(domain, "ignored domain")
-    pin = pins.get(domain)
+    pin = pins.lookup(domain)
     if pin is not None:
-        return Route(domain, pin.onion, pin.port, f"map {pin.source}")
+        if pin.__class__ is Pin:
+            return Route(domain, pin.onion, pin.port, f"map {pin.source}")
+        # an operator's typo: defer until the map is fixed; never SRV, never the clear net
+        return TempFail(domain, f"invalid pin at {pin.source}: {pin.message}")
     return None
 
 
@@ -197,6 +201,11 @@ class DecisionCache:
         return len(self._data)
 
 
+def load_pins(config: Config) -> PinMap:
+    """The pins of ``config.maps``; raises MapError (FILE:LINE) on a map that does not parse."""
+    return load_maps(config.maps, config.default_port, config.v2_pins)
+
+
 @dataclass
 class Router:
     """The routing core shared by the CLI, the daemon and library users."""
@@ -210,15 +219,16 @@ class Router:
         self._nameservers: list[HostPort] | None = None
         self.dns_queries = 0  # counts queries sent, for tests and stats
         if self.pins is None:
-            self.pins = load_maps(self.config.maps, self.config.default_port)
+            self.pins = load_pins(self.config)
 
     @classmethod
     def from_config(cls, config: Config) -> Router:
-        return cls(config, load_maps(config.maps, config.default_port))
+        return cls(config, load_pins(config))
 
     def reload(self, config: Config) -> None:
-        """Swap in a new configuration and maps (load first: a broken map file keeps the old)."""
-        pins = load_maps(config.maps, config.default_port)
+        """Swap in a new configuration and maps (load first: a broken map file raises MapError
+        and the old configuration stays, whole)."""
+        pins = load_pins(config)
         self.config, self.pins = config, pins
         self.cache = DecisionCache(config.cache_size)
         self._nameservers = None
@@ -298,8 +308,12 @@ class Router:
         for host, port in self.nameservers():
             self.dns_queries += 1
             try:
-                response = dns.query.udp(query, host, port=port, timeout=self.config.dns_timeout,
-                                         ignore_unexpected=True)
+                # a connected socket: an ICMP "port unreachable" fails the query at once
+                # (ECONNREFUSED) instead of after dns_timeout, and the next server is asked
+                with _connected_udp(host, port) as sock:
+                    response = dns.query.udp(query, host, port=port, sock=sock,
+                                             timeout=self.config.dns_timeout,
+                                             ignore_unexpected=True)
                 if response.flags & dns.flags.TC:
                     response = dns.query.tcp(query, host, port=port,
                                              timeout=self.config.dns_timeout)
@@ -314,6 +328,7 @@ class Router:
         return TempFail(domain, failure), 0.0
 
     async def _lookup_async(self, domain: str) -> tuple[Decision, float]:
+        import dns.asyncbackend
         import dns.asyncquery
 
         query = srv_query(domain, self.config)
@@ -321,9 +336,14 @@ class Router:
         for host, port in self.nameservers():
             self.dns_queries += 1
             try:
-                response = await dns.asyncquery.udp(query, host, port=port,
-                                                    timeout=self.config.dns_timeout,
-                                                    ignore_unexpected=True)
+                # connected, as in _lookup_sync (asyncio's backend would not connect it)
+                backend = dns.asyncbackend.get_default_backend()
+                af = socket.AF_INET6 if ":" in host else socket.AF_INET
+                async with await backend.make_socket(af, socket.SOCK_DGRAM, 0, None,
+                                                     (host, port)) as sock:
+                    response = await dns.asyncquery.udp(query, host, port=port, sock=sock,
+                                                        timeout=self.config.dns_timeout,
+                                                        ignore_unexpected=True)
                 if response.flags & dns.flags.TC:
                     response = await dns.asyncquery.tcp(query, host, port=port,
                                                         timeout=self.config.dns_timeout)
@@ -336,6 +356,18 @@ class Router:
                 continue
             return outcome
         return TempFail(domain, failure), 0.0
+
+
+def _connected_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket connected to a nameserver (dnspython wants it non-blocking)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _describe(exc: BaseException, host: str, port: int) -> str:
