@@ -25,7 +25,7 @@ if [ ! -x /usr/sbin/policy-rc.d ]; then
 fi
 
 packages="tor dnsmasq-base postfix swaks torsocks python3-venv python3-dev iproute2 util-linux
-          perl ca-certificates openssl"
+          perl ca-certificates openssl unbound nsd ldnsutils"
 missing=""
 for p in $packages; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
