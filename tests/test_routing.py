@@ -186,11 +186,6 @@ def test_require_dnssec_without_ad_bit_is_tempfail(dns: Dnsmasq) -> None:
     assert isinstance(router_for(dns.address, require_dnssec=True).route("nothing.test"), NoRoute)
 
 
-def test_require_dnssec_accepts_ad_from_the_resolver(fake_validating_resolver) -> None:
-    decision = router_for(fake_validating_resolver, require_dnssec=True).route("example.test")
-    assert isinstance(decision, Route) and decision.onion == ONION_A
-
-
 def test_concurrent_async_lookups_share_one_query(dns: Dnsmasq) -> None:
     router = router_for(dns.address)
 
