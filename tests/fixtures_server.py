@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -38,9 +40,24 @@ def wait_socket(address: str | tuple[str, int], timeout: float = 15.0,
     raise TimeoutError(f"{address} did not accept within {timeout}s")
 
 
+#: Log lines that no daemon may write unless its test provokes them (then it sets
+#: ``expect_errors`` and asserts the exact line itself).
+BAD_LOG_LINE = re.compile(r"^torroute: (ERROR|CRITICAL) |Traceback \(most recent call last\)",
+                          re.MULTILINE)
+
+
+def bad_log_lines(text: str) -> list[str]:
+    """The ERROR / CRITICAL / Traceback lines of a daemon log."""
+    return [ln for ln in text.splitlines() if BAD_LOG_LINE.search(ln)]
+
+
 @dataclass
 class Daemon:
-    """A real `torroute serve` subprocess with its sockets in a 0755 directory."""
+    """A real `torroute serve` subprocess with its sockets in a 0755 directory.
+
+    Its log is its own file (``log_name``), appended to across restarts; at teardown
+    ``daemon_factory`` fails the test if it has an ERROR, CRITICAL or Traceback line, unless the
+    test set ``expect_errors`` (and then checks the error it provoked itself)."""
 
     workdir: Path
     args: list[str]
@@ -48,10 +65,13 @@ class Daemon:
     exim: str = ""
     tcp_port: int = 0
     proc: subprocess.Popen | None = None
+    log_name: str = "daemon.log"
+    expect_errors: bool = False
+    env: dict[str, str] = field(default_factory=dict)  # added to the minimal environment
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
-        self.log_path = self.workdir / "daemon.log"
+        self.log_path = self.workdir / self.log_name
         self.socketmap = self.socketmap or str(self.workdir / "socketmap.sock")
         self.exim = self.exim or str(self.workdir / "exim.sock")
         if not self.tcp_port:
@@ -68,7 +88,8 @@ class Daemon:
     def start(self) -> Daemon:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(self.command(), cwd=REPO, stdout=log, stderr=log,
-                                     env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+                                     env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                                          **self.env})
         log.close()
         try:
             for address in (self.socketmap, self.exim, ("127.0.0.1", self.tcp_port)):
@@ -95,7 +116,21 @@ class Daemon:
         return rc
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:  # never started
+            return ""
+
+    def error_lines(self) -> list[str]:
+        """The ERROR / CRITICAL / Traceback lines of this daemon's log so far."""
+        return bad_log_lines(self.log())
+
+    def check_log(self) -> None:
+        """Fail if the log has an ERROR, CRITICAL or Traceback line (see ``expect_errors``)."""
+        bad = self.error_lines()
+        assert not bad, (f"daemon log {self.log_path} has {len(bad)} ERROR/Traceback "
+                         f"line(s):\n" + "\n".join(bad[:20]) + f"\n--- log ---\n"
+                         f"{self.log()[-4000:]}")
 
     def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> str:
         """Wait until ``text`` is in the log ``count`` times (lines are flushed within 0.2 s)."""
@@ -125,17 +160,41 @@ def serve_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def daemon_factory(serve_dir: Path) -> Iterator:
-    """``daemon_factory(*args)`` starts `torroute serve` with all three listeners plus args."""
+    """``daemon_factory(*args)`` starts `torroute serve` with all three listeners plus args.
+
+    At teardown every daemon is stopped and its log must have no ERROR/CRITICAL/Traceback
+    line, unless the test set ``d.expect_errors = True`` (and asserted its own error)."""
     made: list[Daemon] = []
 
-    def make(*args: str, start: bool = True) -> Daemon:
-        d = Daemon(serve_dir, list(args))
+    def make(*args: str, start: bool = True, env: dict[str, str] | None = None,
+             **paths: str) -> Daemon:
+        """``paths``: socketmap= / exim= socket paths other than the defaults."""
+        name = "daemon.log" if not made else f"daemon-{len(made) + 1}.log"
+        d = Daemon(serve_dir, list(args), log_name=name, env=dict(env or {}), **paths)
         made.append(d)
         return d.start() if start else d
 
     yield make
     for d in made:
         d.stop()
+    for d in made:
+        if not d.expect_errors:
+            d.check_log()
+
+
+@pytest.fixture
+def daemon_records(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """For a daemon (LookupDaemon, Relay) run in the test's own process: its log records, at
+    INFO and above.  At teardown nothing may have logged ERROR or worse or a traceback, unless
+    the test set ``daemon_records.expect_errors = True`` (and checked its own error)."""
+    caplog.set_level(logging.INFO)
+    caplog.expect_errors = False  # type: ignore[attr-defined]
+    yield caplog
+    if not caplog.expect_errors:  # type: ignore[attr-defined]
+        records = caplog.get_records("setup") + caplog.get_records("call")
+        bad = [r for r in records if r.levelno >= logging.ERROR or r.exc_info]
+        assert not bad, "in-process daemon logged errors:\n" + "\n".join(
+            f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)
 
 
 @dataclass

@@ -176,3 +176,39 @@ def test_daemon_down_defers_then_delivers_exactly_once(setup: Setup, daemon_fact
     setup.postfix.wait_empty(30)
     time.sleep(2)
     assert len(setup.mx.sink.messages) == 1 and setup.clear.messages == []
+
+
+def test_lmtp_sessions_are_reused_under_a_backlog(setup: Setup) -> None:
+    """40 messages handed to Postfix at once: its lmtp(8) caches the LMTP connection (on demand,
+    with a backlog; RSET after each transaction tells it the session is still good) and sends
+    further messages over it (``conn_use=`` > 1 in its log).  No traceback in the daemon."""
+    import re
+    import smtplib
+
+    count = 40
+    with smtplib.SMTP("127.0.0.1", setup.postfix.port, local_hostname="client.test",
+                      timeout=60) as client:  # one SMTP session: the backlog builds at once
+        for n in range(count):
+            rcpt = f"r{n}@pinned.test" if n % 2 else f"r{n}@example.test"
+            client.sendmail("alice@origin.test", [rcpt],
+                            message(f"backlog {n}", rcpt).replace(b"\n", b"\r\n"))
+    setup.mx.sink.wait_for(count, timeout=120)
+    setup.postfix.wait(lambda: setup.postfix.log().count("status=sent") >= count, 60)
+    setup.postfix.wait_empty(30)
+    lmtp = [ln for ln in setup.postfix.log().splitlines()
+            if "postfix/torroute-lmtp/lmtp[" in ln or "postfix/lmtp[" in ln]
+    sent = [ln for ln in lmtp if "status=sent" in ln]
+    assert len(sent) == count and all(f"[{setup.lmtp_sock}]," in ln for ln in sent)
+    uses = [int(m.group(1)) for ln in sent if (m := re.search(r", conn_use=(\d+),", ln))]
+    print(f"lmtp deliveries: {len(sent)}, over a reused connection: {len(uses)}, "
+          f"conn_use max {max(uses, default=1)}")
+    assert uses and max(uses) > 1, "\n".join(sent)
+    assert not any("lost connection" in ln or "Connection reset" in ln for ln in lmtp), lmtp
+    # each message once at the onion, none on the clear net
+    ids = sorted(m.data.split(b"Message-ID: <", 1)[1].split(b">", 1)[0] for m in
+                 setup.mx.sink.messages)
+    assert ids == sorted(f"backlog-{n}@origin.test".encode() for n in range(count))
+    assert setup.clear.messages == []
+    log = setup.daemon.wait_log("lmtp rcpt=", count=count)
+    assert setup.daemon.error_lines() == [], log[-3000:]
+    assert "Traceback" not in log and "read() called while another coroutine" not in log

@@ -112,7 +112,8 @@ def make_relay(directory: Path, dns_port: int, socks: tuple[str, int], pins: str
                  idle_timeout=idle)
 
 
-def test_no_route_and_invalid_onion_and_tor_down(dnsmasq_factory, serve_dir) -> None:
+def test_no_route_and_invalid_onion_and_tor_down(dnsmasq_factory, serve_dir,
+                                                 daemon_records) -> None:
     """Decided without any MX: no route any more -> 451 (Postfix routes it again), an
     invalid .onion -> 550 5.1.2, a pinned onion with tor's SocksPort closed -> 451 4.4.1."""
     dns = dnsmasq_factory([])
@@ -130,7 +131,7 @@ def test_no_route_and_invalid_onion_and_tor_down(dnsmasq_factory, serve_dir) -> 
 
 @pytest.mark.testnet
 def test_pooled_connection_whose_mx_went_away_is_replaced(testnet, dnsmasq_factory,
-                                                          serve_dir) -> None:
+                                                          serve_dir, daemon_records) -> None:
     """The MX restarts between two messages (the pooled connection dies): the second message
     goes over a fresh connection, exactly once."""
     from aiosmtpd.controller import Controller
@@ -192,7 +193,7 @@ def test_lmtp_listener_settings(serve_dir) -> None:
     from torroute.server import ServeSettings
 
     cfg = serve_dir / "t.toml"
-    cfg.write_text("[serve]\nlmtp_idle_timeout = 3\n")
+    cfg.write_text("[serve]\nlmtp_idle_timeout = 3\nlmtp_session_idle_timeout = 4.5\n")
     config = load_config(str(cfg))
 
     def settings(*lmtp: str, remote: bool = False) -> ServeSettings:
@@ -202,12 +203,17 @@ def test_lmtp_listener_settings(serve_dir) -> None:
     assert settings().lmtp_answer is None
     s = settings(f"unix:{serve_dir}/lmtp.sock")
     assert s.lmtp_answer == f"torroute-lmtp:unix:{serve_dir}/lmtp.sock"
-    assert s.lmtp_idle_timeout == 3
+    assert (s.lmtp_idle_timeout, s.lmtp_session_idle_timeout) == (3, 4.5)
+    assert ServeSettings().lmtp_session_idle_timeout == 10.0  # above Postfix's cache time, 2 s
     assert settings("inet:127.0.0.1:2424").lmtp_answer == "torroute-lmtp:inet:127.0.0.1:2424"
     with pytest.raises(ConfigError, match="not a loopback"):
         settings("inet:192.0.2.1:24")
     with pytest.raises(ConfigError, match="unusable Postfix answer"):
         settings("unix:/tmp/with space/lmtp.sock")
+    cfg.write_text("[serve]\nlmtp_session_idle_timeout = 0\n")
+    config = load_config(str(cfg))
+    with pytest.raises(ConfigError, match="lmtp_session_idle_timeout must be positive"):
+        settings()
 
 
 @pytest.mark.testnet

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
-from onions import ONION_A
+from onions import ONION_A, ONION_B
 from realparts import SrvRecord, free_port
 
 from torroute.config import Config, ConfigError, load_config
@@ -26,7 +27,8 @@ async def ask(port: int, key: str) -> bytes:
     return line
 
 
-def test_concurrent_lookups_of_one_domain_share_one_dns_query(dnsmasq_factory) -> None:
+def test_concurrent_lookups_of_one_domain_share_one_dns_query(dnsmasq_factory,
+                                                              daemon_records) -> None:
     dns = dnsmasq_factory([SrvRecord(f"_onion-mx._tcp.d{i}.test", ONION_A) for i in range(5)])
     port = free_port()
     daemon = LookupDaemon(Config(nameservers=[dns.address], dns_timeout=2.0), settings(port))
@@ -84,12 +86,13 @@ def test_contrib_example_config_is_valid() -> None:
     assert [str(e) for e in s.listeners["socketmap"]] == ["unix:/run/torroute/socketmap.sock"]
     assert [str(e) for e in s.listeners["exim"]] == ["unix:/run/torroute/exim.sock"]
     assert (s.socket_mode, s.socket_group, s.transport) == (0o660, "torroute", "torroute")
+    assert (s.max_connections, s.lmtp_session_idle_timeout) == (4096, 10.0)
     assert config.tor_dns == ("127.0.0.1", 9053)
     unit = (repo / "contrib" / "torroute.service").read_text()
     assert "User=torroute" in unit and "ExecReload=/bin/kill -HUP $MAINPID" in unit
 
 
-def test_max_connections_and_bad_flags(tmp_path: Path) -> None:
+def test_max_connections_and_bad_flags(tmp_path: Path, daemon_records) -> None:
     import argparse
 
     port = free_port()
@@ -118,3 +121,57 @@ def test_max_connections_and_bad_flags(tmp_path: Path) -> None:
     args = argparse.Namespace(socket_mode="rw", tcp_table=["inet:127.0.0.1:1"])
     with pytest.raises(ConfigError, match="not octal"):
         ServeSettings.from_config(Config(), args)
+
+
+def test_reload_state_one_error_line_and_old_configuration_kept(tmp_path: Path,
+                                                                daemon_records) -> None:
+    """A reload that fails is one ERROR record naming the error (no traceback), keeps the old
+    pins and is recorded in ``reload_state``; the next good one clears it."""
+    from torroute.server import ReloadState
+
+    (tmp_path / "map.txt").write_text(f"a.test {ONION_A}\n")
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'[routing]\nmaps = ["{tmp_path / "map.txt"}"]\n')
+    config = load_config(cfg)
+    daemon = LookupDaemon(config, settings(free_port()), reload_config=lambda: load_config(cfg))
+    assert daemon.reload_state.ok and daemon.reload_state.pinned == 1
+    daemon_records.clear()
+    daemon_records.expect_errors = True  # the one below, checked exactly
+    cfg.write_text('[routing]\nmaps = "not a list"\nbogus = 1\n')
+    assert daemon.reload() is False
+    state = daemon.reload_state
+    assert (state.ok, state.pinned) == (False, 1) and str(cfg) in state.message
+    assert state.status() == (f"serving 1 pinned domains; last reload failed: {state.message}; "
+                              "old configuration kept")
+    [record] = [r for r in daemon_records.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == ("reload failed, keeping the old configuration: "
+                                   f"{state.message}")
+    assert record.exc_info is None and "\n" not in record.getMessage()
+    assert daemon.quick_decision("u@a.test").onion == ONION_A  # the old pins answer
+    (tmp_path / "map.txt").write_text(f"a.test {ONION_B}\nb.test {ONION_A}\n")
+    cfg.write_text(f'[routing]\nmaps = ["{tmp_path / "map.txt"}"]\n')
+    daemon_records.clear()
+    assert daemon.reload() is True
+    assert daemon.reload_state == ReloadState(True, daemon.reload_state.when, "reloaded", 2)
+    assert daemon.reload_state.status() == "serving 2 pinned domains"
+    assert [r.getMessage() for r in daemon_records.records if r.levelno >= logging.WARNING] == [
+        "reloaded configuration: 2 pinned domains"]
+    assert daemon.quick_decision("u@a.test").onion == ONION_B
+
+
+def test_sd_notify_reaches_an_abstract_socket(monkeypatch) -> None:
+    """NOTIFY_SOCKET may name an abstract socket ('@...'), as systemd's own does."""
+    import os
+    import socket
+
+    from torroute.server import sd_notify
+
+    name = f"torroute-test-notify-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        sd_notify("READY=1\nSTATUS=serving 0 pinned domains")
+        assert sock.recv(1024) == b"READY=1\nSTATUS=serving 0 pinned domains"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    sd_notify("READY=1")  # outside systemd: nothing, no error

@@ -170,9 +170,10 @@ def test_non_loopback_bind_refused_without_allow_remote(serve_dir) -> None:
                         f"inet:0.0.0.0:{free_port()}"], capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 78 and "not a loopback address" in r.stderr
+    assert "Traceback" not in r.stderr and "ERROR" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "torroute.cli", "serve"], capture_output=True,
                        text=True, timeout=30)
-    assert r.returncode == 64 and "no listeners" in r.stderr
+    assert r.returncode == 64 and "no listeners" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_unix_socket_mode_group_and_stale_socket(daemon_factory, serve_dir) -> None:
@@ -188,6 +189,7 @@ def test_unix_socket_mode_group_and_stale_socket(daemon_factory, serve_dir) -> N
     r = subprocess.run([sys.executable, "-m", "torroute.cli", "serve", "--socketmap",
                         f"unix:{d.socketmap}"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 78 and "another daemon is listening" in r.stderr
+    assert "Traceback" not in r.stderr and "ERROR" not in r.stderr
     assert normal_query(d, "socketmap").endswith(b",")
 
 
@@ -226,3 +228,36 @@ def test_last_decision_lines_reach_the_log_on_sigterm(daemon) -> None:
     daemon.signal(signal.SIGTERM)  # at once: the buffered line must still be written
     assert daemon.proc.wait(10) == 0
     assert "domain=pinned.test result=route" in daemon.log()
+
+
+def test_missing_socket_directory_is_named_and_only_torroutes_own_is_made(daemon_factory,
+                                                                           serve_dir) -> None:
+    """`--socketmap unix:/run/torroute/socketmap.sock` outside systemd: the daemon makes its
+    own directory (named ``torroute``, in an existing one); a missing directory of any other
+    name is a mistake in the path: exit 78 naming it, nothing created."""
+    for missing in (serve_dir / "elsewhere" / "socketmap.sock",
+                    serve_dir / "no" / "torroute" / "socketmap.sock"):
+        r = subprocess.run([sys.executable, "-m", "torroute.cli", "serve", "--socketmap",
+                            f"unix:{missing}"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 78, r.stderr
+        assert f"cannot listen on unix:{missing}: directory {missing.parent} does not exist" \
+            in r.stderr
+        assert not missing.parent.exists() and "Traceback" not in r.stderr
+    own = serve_dir / "torroute"
+    d = daemon_factory(socketmap=str(own / "socketmap.sock"), exim=str(own / "exim.sock"))
+    st = os.stat(own)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(d.socketmap).st_mode) == 0o660
+    assert normal_query(d, "socketmap").endswith(b",")
+    assert f"created the socket directory {own}" in d.wait_log("listening: exim")
+    assert d.stop() == 0
+    assert not os.path.exists(d.socketmap) and own.is_dir()  # the directory stays
+
+
+def test_own_socket_directory_gets_the_socket_group(daemon_factory, serve_dir) -> None:
+    group = "postfix" if _group_exists("postfix") else "root"
+    own = serve_dir / "torroute"
+    d = daemon_factory("--socket-group", group, socketmap=str(own / "socketmap.sock"))
+    st = os.stat(own)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o750, grp.getgrnam(group).gr_gid)
+    assert normal_query(d, "socketmap").endswith(b",")

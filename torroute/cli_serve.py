@@ -14,11 +14,13 @@ def register(subparsers, common) -> None:
     p = subparsers.add_parser(
         "serve",
         parents=common,
-        help="run the lookup daemon (Postfix socketmap/tcp_table, Exim readsocket)",
+        help="run the lookup daemon (Postfix socketmap/tcp_table, Exim readsocket, LMTP relay)",
         description="Answer route lookups from Postfix (socketmap_table(5), tcp_table(5)) and "
-        "Exim (${readsocket}, torroute's line protocol) in one process.  SIGHUP reloads the "
-        "configuration and maps without dropping connections; SIGTERM drains and exits.  "
-        "Listeners given here replace the [serve] listeners of the same kind.",
+        "Exim (${readsocket}, torroute's line protocol) in one process, and relay what Postfix's "
+        "lmtp client hands over (--lmtp).  SIGHUP reloads the configuration and maps without "
+        "dropping connections (a broken file keeps the old ones; systemd's STATUS says so); "
+        "SIGTERM drains and exits.  Listeners given here replace the [serve] listeners of the "
+        "same kind; a missing socket directory named 'torroute' (/run/torroute) is created.",
     )
     p.add_argument("--socketmap", action="append", metavar=ENDPOINT,
                    help="Postfix socketmap listener (repeatable)")

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .automap import aresolve_automap
 from .config import Config, normalize_domain
@@ -38,6 +38,7 @@ from .protocols import (
     ProtocolError,
     check_template,
     eximline,
+    lmtp,
     postfix_value,
     sanitize_reason,
     socketmap,
@@ -53,6 +54,9 @@ from .routing import (
     decide_static,
     destination_domain,
 )
+
+if TYPE_CHECKING:
+    from .deliver import DeliverSettings
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,9 @@ class ServeSettings:
     lmtp_idle_timeout: float = 10.0  # keep relay connections to an onion this long unused
     lmtp_time_limit: float = 540.0  # per transaction; below Postfix's lmtp_data_done_timeout
     lmtp_max_size: int = 64 * 1024 * 1024
+    # an LMTP session without a command this long gets 421 and is closed; above Postfix's
+    # lmtp_connection_cache_time_limit (2 s), so a connection Postfix caches is never cut
+    lmtp_session_idle_timeout: float = 10.0
 
     @classmethod
     def from_config(cls, config: Config, args: Any = None) -> ServeSettings:
@@ -132,7 +139,7 @@ class ServeSettings:
             "socketmap", "tcp_table", "exim", "allow_remote", "socket_mode", "socket_group",
             "transport", "postfix_answer", "max_request", "automap_timeout", "drain_timeout",
             "max_connections", "log_decisions", "event_loop", "lmtp", "lmtp_transport",
-            "lmtp_idle_timeout", "lmtp_time_limit", "lmtp_max_size",
+            "lmtp_idle_timeout", "lmtp_time_limit", "lmtp_max_size", "lmtp_session_idle_timeout",
         }  # fmt: skip
         unknown = set(table) - known
         if unknown:
@@ -165,6 +172,7 @@ class ServeSettings:
                 lmtp_idle_timeout=float(table.get("lmtp_idle_timeout", 10.0)),
                 lmtp_time_limit=float(table.get("lmtp_time_limit", 540.0)),
                 lmtp_max_size=int(table.get("lmtp_max_size", 64 * 1024 * 1024)),
+                lmtp_session_idle_timeout=float(table.get("lmtp_session_idle_timeout", 10.0)),
             )
         except (TypeError, ValueError, ProtocolError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
@@ -204,6 +212,8 @@ class ServeSettings:
             raise ConfigError(f"transport {self.transport!r}: {exc}") from None
         if self.lmtp_idle_timeout < 0 or self.lmtp_time_limit <= 0 or self.lmtp_max_size < 1024:
             raise ConfigError("lmtp_idle_timeout, lmtp_time_limit, lmtp_max_size out of range")
+        if not self.lmtp_session_idle_timeout > 0:
+            raise ConfigError("lmtp_session_idle_timeout must be positive")
         if self.lmtp_answer is not None and not _LMTP_ANSWER.fullmatch(self.lmtp_answer):
             raise ConfigError(f"lmtp_transport/listener give an unusable Postfix answer "
                               f"{self.lmtp_answer!r}")
@@ -507,8 +517,14 @@ class _Connection(asyncio.Protocol):
 
 
 # -- the LMTP relay -------------------------------------------------------------------------
+#: Input a session keeps while it relays a transaction before it stops reading.  Postfix
+#: sends nothing past the end of DATA until it has the replies; this bounds other clients.
+LMTP_PENDING_LIMIT = 256 * 1024
+
+
 class LmtpService:
-    """LMTP sessions (one coroutine each, no thread) feeding :class:`torroute.relay.Relay`."""
+    """What the LMTP sessions share: one :class:`torroute.relay.Relay` (its pool of tor
+    connections) and the transactions being relayed."""
 
     def __init__(self, daemon: LookupDaemon) -> None:
         from .deliver import DeliverSettings
@@ -518,104 +534,26 @@ class LmtpService:
         s = daemon.settings
         self.relay = Relay(daemon.router, DeliverSettings.from_config(daemon.router.config),
                            idle_timeout=s.lmtp_idle_timeout, time_limit=s.lmtp_time_limit)
-        self.sessions: dict[asyncio.Task, bool] = {}  # task -> busy relaying
-        self.writers: dict[asyncio.Task, asyncio.StreamWriter] = {}
-        daemon.on_reload.append(self.reload)
+        self.tasks: set[asyncio.Task] = set()  # relays in flight, one per busy session
 
-    def reload(self) -> None:
+    @staticmethod
+    def check(config: Config) -> DeliverSettings:
+        """The ``[deliver]`` settings of ``config`` (raises ConfigError): checked before a
+        reload commits, so a broken section keeps the whole old configuration."""
         from .deliver import DeliverSettings
 
-        try:
-            self.relay.settings = DeliverSettings.from_config(self.daemon.router.config)
-        except ConfigError as exc:
-            log.error("lmtp: keeping the old [deliver] settings: %s", exc)
+        return DeliverSettings.from_config(config)
+
+    def apply(self, deliver: DeliverSettings) -> None:
+        self.relay.settings = deliver
         self.relay.time_limit = self.daemon.settings.lmtp_time_limit
         self.relay.pool.idle_timeout = self.daemon.settings.lmtp_idle_timeout
 
-    def factory(self) -> asyncio.StreamReaderProtocol:
-        reader = asyncio.StreamReader(limit=1 << 16)
-        return asyncio.StreamReaderProtocol(reader, self.session)
+    def factory(self) -> _LmtpSession:
+        return _LmtpSession(self)
 
-    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from .protocols import lmtp
-
-        task = asyncio.current_task()
-        assert task is not None
-        if self.daemon.stopping:
-            writer.write(lmtp.reply(421, "4.3.2", "shutting down"))
-            writer.close()
-            return
-        self.sessions[task] = False
-        self.writers[task] = writer
-        s = self.daemon.settings
-        codec = lmtp.LmtpServer(max_size=s.lmtp_max_size)
-        pending: list[bytes] = []  # read while a relay ran (a client that pipelines past DATA)
-        try:
-            writer.write(codec.greeting())
-            while not codec.closed:
-                data = pending.pop(0) if pending else await reader.read(65536)
-                events = codec.feed(data) if data else codec.eof()
-                for ev in events:
-                    if isinstance(ev, lmtp.Send):
-                        writer.write(ev.data)
-                    elif isinstance(ev, lmtp.Transaction):
-                        self.sessions[task] = True
-                        started = time.perf_counter()
-                        try:
-                            replies = await self._relay_watching(ev, reader, pending)
-                        except Exception:  # never reached (relay defers itself): still defer
-                            log.exception("lmtp: relay failed")
-                            replies = []
-                        if replies is None:  # the client left: nobody to answer
-                            return
-                        writer.write(lmtp.data_replies(replies, len(ev.recipients)))
-                        self.sessions[task] = False
-                        self._log(ev, replies, started)
-                    elif isinstance(ev, lmtp.Close):
-                        break
-                await writer.drain()
-                if self.daemon.stopping:
-                    break
-        except (ConnectionError, OSError) as exc:
-            log.debug("lmtp: session ended: %s", exc)
-        finally:
-            self.sessions.pop(task, None)
-            self.writers.pop(task, None)
-            writer.close()
-            self.daemon._connection_gone()
-
-    async def _relay_watching(self, ev: Any, reader: asyncio.StreamReader,
-                              pending: list[bytes]) -> list[bytes] | None:
-        """Relay ``ev`` while watching the LMTP client: if it goes away (Postfix gave up, was
-        stopped), the relay is cancelled -- before the final '.' reached the MX that means
-        nothing is delivered, so Postfix's retry cannot duplicate it.  None: client gone."""
-        relay = asyncio.ensure_future(self.relay.relay(ev))
-        watch: asyncio.Future | None = asyncio.ensure_future(reader.read(65536))
-        try:
-            while watch is not None and not relay.done():
-                await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-                if watch.done() and not relay.done():
-                    data = b"" if watch.cancelled() or watch.exception() else watch.result()
-                    if not data:
-                        log.warning("lmtp: client left during the relay; relay cancelled")
-                        relay.cancel()
-                        await asyncio.gather(relay, return_exceptions=True)
-                        return None
-                    pending.append(data)  # pipelined input: keep it for after the replies
-                    watch = None
-            return await relay
-        finally:
-            if not relay.done():  # we are cancelled (shutdown): the relay goes with us
-                relay.cancel()
-            if watch is not None and not watch.done():
-                watch.cancel()
-            elif watch is not None and not watch.cancelled() and watch.exception() is None:
-                if watch.result():
-                    pending.append(watch.result())
-                else:
-                    pending.append(b"")  # EOF right after the transaction
-
-    def _log(self, ev: Any, replies: list[bytes], started: float) -> None:
+    def log_transaction(self, ev: lmtp.Transaction, replies: list[bytes],
+                        started: float) -> None:
         if not self.daemon.log_decisions:
             return
         ms = (time.perf_counter() - started) * 1000
@@ -628,23 +566,238 @@ class LmtpService:
             else:
                 log.info("%s", line)
 
-    async def stop(self, drain_timeout: float) -> None:
-        """Idle sessions close now; sessions relaying a message get ``drain_timeout`` to
-        answer it, then are cancelled (their mail stays in Postfix's queue, deferred)."""
-        for task, busy in list(self.sessions.items()):
-            if not busy:
-                self.writers[task].close()
-        busy_tasks = [t for t, b in self.sessions.items() if b]
-        if busy_tasks:
-            done, pending = await asyncio.wait(busy_tasks, timeout=drain_timeout)
-            for task in pending:
-                task.cancel()
-        if self.sessions:
-            await asyncio.wait(list(self.sessions), timeout=2)
+    async def stop(self) -> None:
+        """Once the daemon has closed every session (busy ones after ``drain_timeout``, which
+        cancels their relays: that mail stays deferred in Postfix's queue), let the cancelled
+        relays unwind and close the pooled tor connections."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=5)
         self.relay.close()
 
 
+class _LmtpSession(asyncio.Protocol):
+    """One LMTP client connection.
+
+    Why a protocol and not a stream coroutine: the transport is the only reader of the
+    connection, at every moment.  Input goes to the codec as it arrives; while a transaction
+    is relayed, the codec events after it (and later input, in ``pending``) wait in order for
+    its replies, and the end of the connection cancels the relay.  So the client is watched
+    during a relay without a second reader, pipelined input is never lost, and a session
+    carries any number of transactions (Postfix caches it and sends RSET after each one).
+    """
+
+    def __init__(self, service: LmtpService) -> None:
+        self.service = service
+        self.daemon = service.daemon
+        self.codec = lmtp.LmtpServer(max_size=self.daemon.settings.lmtp_max_size)
+        self.transport: asyncio.Transport | None = None
+        self.events: collections.deque[lmtp.Event] = collections.deque()  # not yet acted on
+        self.pending = bytearray()  # input that arrived during a relay, not yet parsed
+        self.relaying: asyncio.Task | None = None
+        self.closing = False
+        self.paused: set[str] = set()  # why reading is paused: "backlog", "writes"
+        self.last_active = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        daemon = self.daemon
+        if daemon.stopping or len(daemon.connections) >= daemon.settings.max_connections:
+            log.warning("lmtp: refusing connection (%d open, stopping=%s)",
+                        len(daemon.connections), daemon.stopping)
+            why = "shutting down" if daemon.stopping else "too many connections, try again later"
+            self.transport.write(lmtp.reply(421, "4.3.2", f"torroute: {why}"))
+            self._close()
+            return
+        daemon.connections.add(self)
+        log.debug("lmtp: connection opened (%d open)", len(daemon.connections))
+        self.transport.write(self.codec.greeting())
+        self._active()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self._stop_idle_timer()
+        if self.relaying is not None:
+            self._cancel_relay("connection lost" if exc is None else f"connection lost: {exc}")
+        log.debug("lmtp: connection closed")
+        if self in self.daemon.connections:
+            self.daemon.connections.discard(self)
+            self.daemon._connection_gone()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if self.relaying is not None:  # parsed and answered after the relay's replies
+            self.pending += data
+            if len(self.pending) > LMTP_PENDING_LIMIT:
+                self._pause("backlog")
+            return
+        self._process(self.codec.feed(data))
+
+    def eof_received(self) -> bool:
+        # Postfix never half-closes: the end of input means it gave up or was stopped.
+        if self.relaying is not None:
+            self._cancel_relay("the client closed the connection")
+        elif not self.closing:
+            self._process(self.codec.eof())
+        self._close()
+        return True  # _close() closes our side once the replies are written
+
+    def pause_writing(self) -> None:  # the client does not read its replies
+        self._pause("writes")
+
+    def resume_writing(self) -> None:
+        self._resume("writes")
+
+    # work
+    def _process(self, events: list[lmtp.Event] | tuple[()]) -> None:
+        """Act on codec events in order; a transaction starts its relay and everything after
+        it waits for the replies.  Then parse the input that waited."""
+        self.events.extend(events)
+        transport = self.transport
+        assert transport is not None
+        while not self.closing and self.relaying is None:
+            if not self.events:
+                if not self.pending:
+                    break
+                data = bytes(self.pending)
+                self.pending.clear()
+                self._resume("backlog")
+                self.events.extend(self.codec.feed(data))
+                continue
+            ev = self.events.popleft()
+            if isinstance(ev, lmtp.Send):
+                transport.write(ev.data)
+            elif isinstance(ev, lmtp.Transaction):
+                task = asyncio.get_running_loop().create_task(self._relay(ev))
+                self.relaying = task
+                self.service.tasks.add(task)
+                task.add_done_callback(self.service.tasks.discard)
+            else:  # Close
+                self._close()
+        if not self.closing and self.relaying is None:
+            self._active()
+
+    async def _relay(self, ev: lmtp.Transaction) -> None:
+        started = time.perf_counter()
+        try:
+            replies = await self.service.relay.relay(ev)
+        except Exception:  # Relay.relay defers by itself; anything else defers as well
+            log.exception("lmtp: relay failed")
+            replies = []
+        finally:
+            self.relaying = None
+        if self.closing:  # the client left while the relay finished
+            return
+        assert self.transport is not None
+        self.transport.write(lmtp.data_replies(replies, len(ev.recipients)))
+        self.service.log_transaction(ev, replies, started)
+        if self.daemon.stopping:  # drained: this session takes no further transaction
+            self.transport.write(lmtp.reply(421, "4.3.2", "torroute: shutting down"))
+            self._close()
+            return
+        self._process(())
+
+    def _cancel_relay(self, why: str) -> None:
+        """The client is gone: nobody can take the replies.  Cancelled before the final '.'
+        reached the MX, nothing is delivered, so Postfix's retry cannot duplicate it."""
+        task = self.relaying
+        if task is None or task.done():
+            return
+        if self.daemon.stopping:
+            log.warning("lmtp: relay cancelled at shutdown (%s); Postfix keeps the message", why)
+        else:
+            log.warning("lmtp: client left during the relay; relay cancelled (%s)", why)
+        task.cancel()
+
+    def _maybe_finish(self) -> None:
+        """The daemon stops: an idle session closes now (421), a relaying one after its
+        replies."""
+        if self.closing or self.relaying is not None:
+            return
+        if self.transport is not None:
+            self.transport.write(lmtp.reply(421, "4.3.2", "torroute: shutting down"))
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        self._stop_idle_timer()
+        self.events.clear()
+        self.pending.clear()
+        if self.transport is not None:
+            self.transport.close()  # after what is buffered has been written
+
+    # flow control and the idle timeout
+    def _pause(self, why: str) -> None:
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why not in self.paused:
+            return
+        self.paused.discard(why)
+        if not self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _active(self) -> None:
+        """Input was handled (or a reply written): the idle time starts again.  One timer per
+        session that re-arms itself, instead of one timer per command."""
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = loop.call_at(
+                self.last_active + self.daemon.settings.lmtp_session_idle_timeout,
+                self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        if self.closing or self.relaying is not None:
+            return  # a relay is bounded by lmtp_time_limit; _active() follows its replies
+        loop = asyncio.get_running_loop()
+        timeout = self.daemon.settings.lmtp_session_idle_timeout
+        due = self.last_active + timeout
+        if loop.time() < due:
+            self.idle_timer = loop.call_at(due, self._idle_check)
+            return
+        log.info("lmtp: closing a session idle for %gs", timeout)
+        assert self.transport is not None
+        self.transport.write(lmtp.reply(421, "4.4.2", f"torroute: idle timeout ({timeout:g}s), "
+                                        "closing"))
+        self._close()
+
+    def _stop_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+
 # -- the daemon ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReloadState:
+    """How the last (re)load of the configuration went: what ``torroute status`` and systemd's
+    STATUS line tell an operator, who otherwise sees a failed SIGHUP only in the log."""
+
+    ok: bool
+    when: float  # time.time()
+    message: str  # "started", "reloaded" or the error (one line, FILE:LINE for a map)
+    pinned: int  # pinned domains served now (the old configuration's after a failure)
+
+    def status(self) -> str:
+        """The systemd STATUS= text (one line)."""
+        if self.ok:
+            return f"serving {self.pinned} pinned domains"
+        return (f"serving {self.pinned} pinned domains; last reload failed: "
+                f"{sanitize_reason(self.message, 300)}; old configuration kept")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one log line; an unexpected exception keeps its type name."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, TorrouteError) else f"{type(exc).__name__}: {text}"
+
+
 class LookupDaemon:
     """Listeners + router.  ``await start()``, then ``reload()`` / ``await stop()``."""
 
@@ -668,12 +821,13 @@ class LookupDaemon:
         self.on_reload: list[Callable[[], None]] = [self._static.clear, self._log_prefix.clear]
         self.log_decisions = self.settings.log_decisions and log.isEnabledFor(logging.INFO)
         self.write_line: Callable[[str], None] | None = None  # fast path for decision lines
-        self.connections: set[_Connection] = set()
+        self.connections: set[_Connection | _LmtpSession] = set()  # every kind counts
         self.servers: list[tuple[str, Endpoint, asyncio.base_events.Server]] = []
         self.stopping = False
         self.malformed = 0
         self._all_gone: asyncio.Event | None = None
         self.lmtp: LmtpService | None = None
+        self.reload_state = ReloadState(True, time.time(), "started", len(self.router.pins))
 
     # decisions
     def quick_decision(self, key: str) -> Decision | None:
@@ -766,18 +920,6 @@ class LookupDaemon:
 
     async def _unix_server(self, loop, factory, ep: Endpoint):
         path = Path(ep.path)
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale socket of a previous run
-            else:
-                raise ConfigError(f"{path}: another daemon is listening there")
-            finally:
-                probe.close()
         group = self.settings.socket_group
         gid = -1
         if group:
@@ -785,36 +927,87 @@ class LookupDaemon:
                 gid = grp.getgrnam(group).gr_gid
             except KeyError:
                 raise ConfigError(f"socket_group {group!r}: no such group") from None
-        old = os.umask(0o177)  # never world-accessible, not even for an instant
+        self._socket_directory(path, gid)
         try:
-            server = await loop.create_unix_server(factory, str(path), backlog=1024)
-        finally:
-            os.umask(old)
-        if gid != -1:
-            os.chown(path, -1, gid)
-        os.chmod(path, self.settings.socket_mode)
-        self._inodes[str(path)] = path.stat().st_ino
+            if path.exists() or path.is_symlink():
+                if not stat.S_ISSOCK(path.lstat().st_mode):
+                    raise ConfigError(f"{path} exists and is not a socket")
+                probe = socket.socket(socket.AF_UNIX)
+                try:
+                    probe.connect(str(path))
+                except OSError:
+                    path.unlink()  # stale socket of a previous run
+                else:
+                    raise ConfigError(f"{path}: another daemon is listening there")
+                finally:
+                    probe.close()
+            old = os.umask(0o177)  # never world-accessible, not even for an instant
+            try:
+                server = await loop.create_unix_server(factory, str(path), backlog=1024)
+            finally:
+                os.umask(old)
+            if gid != -1:
+                os.chown(path, -1, gid)
+            os.chmod(path, self.settings.socket_mode)
+            self._inodes[str(path)] = path.stat().st_ino
+        except OSError as exc:  # the bare strerror does not say which of the listeners
+            raise ConfigError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
         return server
+
+    @staticmethod
+    def _socket_directory(path: Path, gid: int) -> None:
+        """Make the socket's directory if it is torroute's own (named ``torroute``, as
+        /run/torroute, which systemd's RuntimeDirectory makes but a shell does not); any other
+        missing directory is a mistake in the path, reported as such."""
+        directory = path.parent
+        if directory.is_dir():
+            return
+        if directory.name != "torroute" or not directory.parent.is_dir():
+            raise ConfigError(f"cannot listen on unix:{path}: directory {directory} does not "
+                              "exist (torroute creates only its own, a 'torroute' directory "
+                              "in an existing one, such as /run/torroute)")
+        try:
+            directory.mkdir(mode=0o700)
+            if gid != -1:  # the socket group must enter; others need not
+                os.chown(directory, -1, gid)
+            os.chmod(directory, 0o750 if gid != -1 else 0o755)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise ConfigError(f"cannot create the socket directory {directory}: "
+                              f"{exc.strerror or exc}") from None
+        log.info("created the socket directory %s", directory)
 
     # lifecycle
     def reload(self) -> bool:
-        """Re-read config and maps; on any error keep serving with the old ones."""
+        """Re-read config and maps; on any error keep serving with the old ones, whole.
+
+        A failure is one ERROR line naming it (a map's MapError says FILE:LINE), no traceback;
+        the outcome is kept in ``reload_state`` (for ``torroute status`` and systemd's STATUS).
+        """
         if self.reload_config is None:
             log.warning("reload requested, but no configuration source")
             return False
         try:
             config = self.reload_config()
             settings = ServeSettings.from_config(config, self.args)
-            self.router.reload(config)
+            deliver = self.lmtp.check(config) if self.lmtp is not None else None
+            self.router.reload(config)  # last: it swaps only once the maps loaded
         except Exception as exc:
-            log.error("reload failed, keeping the old configuration: %s", exc)
+            message = _one_line(exc)
+            self.reload_state = ReloadState(False, time.time(), message, len(self.router.pins))
+            log.error("reload failed, keeping the old configuration: %s", message)
             return False
         # listeners stay as they are (restart the daemon to change them)
         self.settings = replace(settings, listeners=self.settings.listeners)
+        if self.lmtp is not None and deliver is not None:
+            self.lmtp.apply(deliver)
         for hook in self.on_reload:
             hook()
         self.log_decisions = self.settings.log_decisions and log.isEnabledFor(logging.INFO)
-        log.warning("reloaded configuration: %d pinned domains", len(self.router.pins))
+        pinned = len(self.router.pins)
+        self.reload_state = ReloadState(True, time.time(), "reloaded", pinned)
+        log.warning("reloaded configuration: %d pinned domains", pinned)
         return True
 
     def _connection_gone(self) -> None:
@@ -838,7 +1031,7 @@ class LookupDaemon:
             if conn.transport is not None:
                 conn.transport.abort()
         if self.lmtp is not None:
-            await self.lmtp.stop(self.settings.drain_timeout if drain else 0)
+            await self.lmtp.stop()
         for _kind, ep, server in self.servers:
             await server.wait_closed()
             if ep.family == "unix":  # only our own socket, not a successor's
@@ -861,10 +1054,10 @@ async def run_daemon(daemon: LookupDaemon, ready: Callable[[], None] | None = No
     def on_hup() -> None:
         sd_notify("RELOADING=1")
         daemon.reload()
-        sd_notify("READY=1")
+        sd_notify(f"READY=1\nSTATUS={daemon.reload_state.status()}")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sd_notify("READY=1")
+    sd_notify(f"READY=1\nSTATUS={daemon.reload_state.status()}")
     if ready is not None:
         ready()
     try:
