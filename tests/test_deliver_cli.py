@@ -3,6 +3,9 @@
 Real tor (the lead's bridge-mode `tor`) for tor's own refusals and timeouts; a real aiosmtpd sink
 behind ``FakeSocksServer`` (a loopback SOCKS5 relay) for SMTP behaviour; ``FakeSmtpServer`` only
 for a reset in the middle of DATA and a server that never answers.
+
+The program is this checkout's (:func:`worktree_program`), not the venv's installed copy, which
+only ``scripts/install-deps.sh`` refreshes.
 """
 
 from __future__ import annotations
@@ -12,15 +15,37 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from email import message_from_bytes
 from pathlib import Path
 
 import pytest
-from fixtures_postfix import VENV_TORROUTE, SmtpSink
+from fixtures_postfix import REPO, VENV_TORROUTE, SmtpSink
 from onions import ONION_A, ONION_B
 from realparts import free_port
 
-TORROUTE = str(VENV_TORROUTE)
+
+def worktree_program() -> str:
+    """The ``torroute`` entry point as pip installs it, but importing this checkout first.
+
+    Why: the venv's copy is refreshed only by scripts/install-deps.sh (skipped with
+    TORROUTE_SKIP_INSTALL=1), and these tests must run the code next to them.  A 0755 script
+    in a 0755 directory, as pipe's user (nobody) needs; rewritten atomically at each import."""
+    directory = Path(tempfile.gettempdir()) / "torroute-worktree-bin"
+    directory.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(directory, 0o755)
+    script = directory / "torroute"
+    text = (f"#!{VENV_TORROUTE.parent / 'python3'}\nimport sys\n"
+            f"sys.path.insert(0, {str(REPO)!r})\nfrom torroute.cli import main\n"
+            "sys.exit(main())\n")
+    temporary = directory / f".torroute.{os.getpid()}"
+    temporary.write_text(text)
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, script)
+    return str(script)
+
+
+TORROUTE = worktree_program()
 CLEAN_ENV = {"PATH": "/usr/bin:/bin"}  # what pipe(8) gives the program: no HOME
 MESSAGE = (b"From: Alice <alice@origin.test>\nTo: bob@example.test\nSubject: test\n"
            b"Message-ID: <1@origin.test>\n\nline one\n.leading dot\n..two dots\n.\nend\n")
@@ -196,19 +221,15 @@ def test_tor_socksport_down_defers() -> None:
     assert b"SocksPort" in r.stdout and b"unreachable" in r.stdout
 
 
-def test_real_tor_invalid_onion_bounces_0xf6(tor) -> None:
-    bad = ONION_A[:10] + ("a" if ONION_A[10] != "a" else "b") + ONION_A[11:]  # bad checksum
-    r = deliver(*via(tor.socks, onion=bad))
-    assert status(r) == (69, "5.1.2"), r
-    assert b"0xf6" in r.stdout
-
-
 def test_real_tor_isolation_auth_is_accepted(tor, postfix_dir: Path) -> None:
+    """tor takes the per-onion SOCKS username/password and goes on to the (unreachable: the
+    bridge-mode tor never bootstraps) onion: the run ends in the connect timeout, not in a
+    refused SOCKS authentication."""
     cfg = postfix_dir / "iso.toml"
     cfg.write_text("[deliver]\nisolate = true\n")
-    bad = ONION_B[:-12] + "aaaaaa" + ONION_B[-6:]
-    r = deliver(f"--config={cfg}", *via(tor.socks, onion=bad))
-    assert status(r) == (69, "5.1.2"), r  # tor got past SOCKS username/password to the name
+    r = deliver(f"--config={cfg}", *via(tor.socks, "--connect-timeout=2", onion=ONION_B))
+    assert status(r) == (75, "4.4.1"), r
+    assert b"timed out after 2s" in r.stdout and b"refused" not in r.stdout
 
 
 def test_real_tor_unreachable_onion_times_out_and_defers(tor) -> None:
@@ -230,6 +251,202 @@ def test_tor_extended_0xf6_from_fake_bounces(fake_socks_factory) -> None:
     socks = fake_socks_factory()
     socks.reply = 0xF6
     assert status(deliver(*via(socks.address))) == (69, "5.1.2")
+
+
+# ---- the nexthop is validated before tor is asked (as `torroute route` does)
+
+
+def _bad_key_onion() -> str:
+    """A v3 address with a right checksum and version whose key is no ed25519 point of the
+    prime-order group: only the key check catches it (tor: 0xF6; plain SocksPort: 0x01)."""
+    from torroute.ed25519 import is_valid_pubkey
+    from torroute.onion import onion_from_pubkey
+
+    key = next(k for k in (bytes([n]) * 32 for n in range(256)) if not is_valid_pubkey(k))
+    return onion_from_pubkey(key)
+
+
+def _flip(onion: str, at: int) -> str:
+    return onion[:at] + ("a" if onion[at] != "a" else "b") + onion[at + 1:]
+
+
+INVALID_ONIONS = {
+    "checksum": (_flip(ONION_A, 10), "checksum mismatch"),
+    "55 characters": (ONION_A[1:], "not 55"),
+    "57 characters": ("a" + ONION_A, "not 57"),
+    "v2": ("expyuzz4wqqyqhjn.onion", "v2 onion address"),
+    "not base32": (ONION_A[:5] + "1" + ONION_A[6:], "not base32"),
+    "bad key": (_bad_key_onion(), "not a valid ed25519 service key"),
+    "subdomain of a bad one": ("mx." + _flip(ONION_B, 20), "checksum mismatch"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INVALID_ONIONS))
+def test_invalid_onion_nexthop_bounces_before_tor_is_asked(kind: str, relay, smtp_sink) -> None:
+    """Anything ending in .onion that is not a valid v3 address: 5.1.2 and exit 69 at once,
+    the verdict (and reason) of `torroute route`; tor's SocksPort sees nothing."""
+    onion, reason = INVALID_ONIONS[kind]
+    r = deliver(*via(relay.address, onion=onion))
+    assert status(r) == (69, "5.1.2"), r
+    assert reason.encode() in r.stdout, r
+    assert relay.requests == [] and not smtp_sink.messages
+    route = subprocess.run([TORROUTE, "route", f"user@{onion}"], capture_output=True,
+                           env=CLEAN_ENV, cwd="/", timeout=30)
+    assert route.returncode == 65, route  # the same verdict: invalid (EX_DATAERR)
+    said = route.stderr.decode().split(": ", 2)[-1].strip()
+    assert said in r.stdout.decode(), (said, r.stdout)
+
+
+def test_mistyped_onion_bounces_on_a_socksport_without_extended_errors(tor) -> None:
+    """Real tor's plain SocksPort answers a bad checksum with 0x01 (general failure): without
+    the validation that deferred (4.4.1) until the message expired."""
+    r = deliver(*via(tor.socks_plain, onion=INVALID_ONIONS["checksum"][0]))
+    assert status(r) == (69, "5.1.2"), r
+    r = deliver(*via(tor.socks_plain, onion=INVALID_ONIONS["bad key"][0]))
+    assert status(r) == (69, "5.1.2"), r
+
+
+def test_valid_onion_with_subdomain_is_delivered(relay, smtp_sink) -> None:
+    r = deliver(*via(relay.address, onion="mx." + ONION_A))
+    assert status(r) == (0, "2.0.0"), r
+    assert relay.requests == [(3, "mx." + ONION_A, 25)]
+
+
+def test_success_path_imports_no_routing_dns_or_ssl(relay, smtp_sink) -> None:
+    """The backup-target code (torroute.routing, dnspython) loads only after a failure; a
+    delivery that works starts as cheaply as before (bench/deliver_coldstart.py)."""
+    probe = ("import sys\nfrom torroute.cli_deliver import main\nrc = main(sys.argv[1:])\n"
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('dns', 'ssl', "
+             "'smtplib', 'email', 'python_socks') or m in ('torroute.routing', "
+             "'torroute.socks', 'torroute.maps'))\nprint('RESULT', rc, heavy)\n")
+    r = subprocess.run([str(VENV_TORROUTE.parent / "python3"), "-c", probe, *via(relay.address)],
+                       input=MESSAGE, capture_output=True, cwd="/", timeout=60,
+                       env={**CLEAN_ENV, "PYTHONPATH": str(REPO)})
+    assert r.stdout.decode().splitlines()[-1] == "RESULT 0 []", r
+    assert len(smtp_sink.wait_for(1)) == 1
+
+
+# ---- every [deliver] setting has a flag
+
+
+class Tap:
+    """A recording TCP forwarder in front of a real server: what the client sent, chunk by
+    chunk as recv() returned it (one chunk per client write on loopback)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import threading
+
+        self.target = target
+        self.chunks: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=30)
+
+            def down(src: socket.socket = upstream, dst: socket.socket = conn) -> None:
+                try:
+                    while data := src.recv(65536):
+                        dst.sendall(data)
+                except OSError:
+                    pass
+                dst.close()
+
+            threading.Thread(target=down, daemon=True).start()
+            try:
+                while data := conn.recv(65536):
+                    self.chunks.append(data)
+                    upstream.sendall(data)
+            except OSError:
+                pass
+            upstream.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("flag", ["", "--no-pipelining"])
+def test_pipelining_flag(flag: str, fake_socks_factory, smtp_sink, postfix_dir: Path) -> None:
+    tap = Tap(smtp_sink.address)
+    try:
+        cfg = postfix_dir / "p.toml"
+        cfg.write_text("[deliver]\npipelining = true\n")
+        extra = [flag] if flag else []
+        r = deliver(f"--config={cfg}", *via(fake_socks_factory(tap.address).address, *extra))
+        assert status(r) == (0, "2.0.0"), r
+        [mail] = [c for c in tap.chunks if c.startswith(b"MAIL FROM:")]
+        lines = mail.split(b"\r\n")[:-1]
+        assert lines[0].startswith(b"MAIL FROM:<alice@origin.test> SIZE="), mail
+        if flag:
+            assert len(lines) == 1, mail  # alone: the client waited for each reply
+        else:
+            assert lines[1:] == [b"RCPT TO:<bob@example.test>", b"DATA"], mail  # one write
+    finally:
+        tap.close()
+
+
+def test_isolate_flags_override_the_configuration(relay, smtp_sink, postfix_dir: Path) -> None:
+    """The loopback relay offers only 'no authentication': with --isolate the program asks for
+    username/password (IsolateSOCKSAuth) and refuses the connection; --no-isolate beats the
+    configuration's isolate = true."""
+    r = deliver(*via(relay.address, "--isolate"))
+    assert status(r) == (75, "4.4.1") and b"refused the SOCKS5 method" in r.stdout, r
+    cfg = postfix_dir / "iso.toml"
+    cfg.write_text("[deliver]\nisolate = true\n")
+    r = deliver(f"--config={cfg}", *via(relay.address, "--no-isolate"))
+    assert status(r) == (0, "2.0.0"), r
+    assert len(smtp_sink.wait_for(1)) == 1
+
+
+def test_require_onion_flags(relay, smtp_sink, postfix_dir: Path) -> None:
+    """--no-require-onion lets a clear-net name through tor's SocksPort (as a name: tor
+    resolves it); --require-onion beats the configuration's false: 4.3.5, nothing dialled."""
+    args = [f"--tor-socks={relay.address[0]}:{relay.address[1]}", "--sender=a@origin.test",
+            "--nexthop=[mail.example.com]:25"]
+    cfg = postfix_dir / "ro.toml"
+    cfg.write_text("[deliver]\nrequire_onion = false\n")
+    r = deliver(f"--config={cfg}", *args, "--require-onion", "--", "bob@example.test")
+    assert status(r) == (75, "4.3.5"), r
+    assert relay.requests == []
+    r = deliver(*args, "--no-require-onion", "--", "bob@example.test")
+    assert status(r) == (0, "2.0.0"), r
+    assert relay.requests == [(3, "mail.example.com", 25)]
+
+
+def test_every_deliver_setting_has_a_flag() -> None:
+    """The README's promise, checked: each [deliver] key is reachable from the command line."""
+    from torroute.cli_deliver import add_arguments
+    from torroute.config import Config
+    from torroute.deliver import DeliverSettings
+
+    parser = __import__("argparse").ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    keys = {"ehlo_name", "starttls", "tls_verify", "tls_ca_file", "pipelining",
+            "connect_timeout", "command_timeout", "data_timeout", "time_limit", "isolate",
+            "require_onion"}
+    assert keys <= flags, keys - flags
+    args = parser.parse_args(["--sender=a@b.test", "--nexthop=x", "--no-pipelining",
+                              "--isolate", "--no-require-onion", "--tls-verify",
+                              "--tls-ca-file=/etc/ssl/certs/ca-certificates.crt", "--", "r@x"])
+    config = Config()
+    config.raw = {"deliver": {"pipelining": True, "isolate": False, "require_onion": True}}
+    s = DeliverSettings.from_config(config, args)
+    assert (s.pipelining, s.isolate, s.require_onion, s.tls_verify) == (False, True, False, True)
+    assert s.starttls == "required" and s.tls_ca_file == "/etc/ssl/certs/ca-certificates.crt"
+    plain = DeliverSettings.from_config(config, parser.parse_args(
+        ["--sender=a@b.test", "--nexthop=x", "--", "r@x"]))
+    assert (plain.pipelining, plain.isolate, plain.require_onion) == (True, False, True)
 
 
 # ---- its own failures always defer, never bounce
@@ -259,7 +476,10 @@ def test_usage_errors_defer(args: list[str], entry: str) -> None:
 
 
 @pytest.mark.parametrize("toml", ['[deliver]\nbogus = 1\n', '[deliver]\nstarttls = "maybe"\n',
-                                  '[tor]\nsocks = "nonsense"\n', "not toml ["])
+                                  '[tor]\nsocks = "nonsense"\n', "not toml [",
+                                  '[deliver]\ntls_verify = true\ntls_ca_file = "/nonexistent"\n',
+                                  '[deliver]\ntls_verify = true\ntls_ca_file = "/etc/passwd"\n',
+                                  '[deliver]\nisolate = "yes"\n'])
 def test_config_errors_defer(toml: str, postfix_dir: Path) -> None:
     cfg = postfix_dir / "bad.toml"
     cfg.write_text(toml)
@@ -290,10 +510,11 @@ def test_internal_error_defers_without_traceback(monkeypatch, capsys) -> None:
 
 def test_program_is_reachable_by_nobody() -> None:
     """The installed entry point and the code it imports are readable by pipe's user."""
-    r = subprocess.run(["/usr/sbin/runuser", "-u", "nobody", "--", TORROUTE, "deliver", "--help"],
-                       capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
+    installed = str(VENV_TORROUTE)
+    r = subprocess.run(["/usr/sbin/runuser", "-u", "nobody", "--", installed, "deliver",
+                        "--help"], capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
     assert r.returncode == 0 and b"--nexthop" in r.stdout, r
-    assert os.access(TORROUTE, os.X_OK)
+    assert os.access(installed, os.X_OK)
 
 
 def test_non_ascii_remote_text_keeps_its_status_in_an_ascii_locale(relay, smtp_sink) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from fixtures_postfix import PostfixInstance, SmtpSink
 from realparts import SrvRecord, free_port
+from test_deliver_cli import TORROUTE
 
 pytestmark = [pytest.mark.testnet, pytest.mark.postfix]
 
@@ -32,6 +33,18 @@ def message(subject: str, to: str = "user@example.test", body: str = "hello\n") 
     return (f"From: Alice <alice@origin.test>\nTo: <{to}>\nSubject: {subject}\n"
             f"Message-ID: <{subject.replace(' ', '-')}@origin.test>\n"
             f"Date: Sun, 22 Nov 2026 10:00:00 +0000\nX-Custom: kept as is\n\n{body}").encode()
+
+
+@pytest.fixture
+def postfix_factory(postfix_factory):
+    """The shared factory, with the pipe running this checkout's ``torroute deliver`` (see
+    test_deliver_cli.worktree_program) in the shipped master.cf entry."""
+
+    def make(*args, **kwargs) -> PostfixInstance:
+        kwargs.setdefault("deliver_command", f"{TORROUTE} deliver")
+        return postfix_factory(*args, **kwargs)
+
+    return make
 
 
 @dataclass
@@ -260,3 +273,30 @@ def test_bounce_to_an_onion_sender_travels_with_the_null_sender(setup: Setup) ->
     assert dsn.mail_from == "<>" and dsn.rcpt_tos == ["alice@pinned.test"]
     assert b"no such user at the onion" in dsn.data
     assert setup.clear.messages == []
+
+
+def test_invalid_onion_nexthop_bounces_and_clear_name_defers(postfix_factory, postfix_dir: Path,
+                                                             clear_sink) -> None:
+    """An operator's own transport table (texthash) hands the pipe a mistyped onion and a
+    clear-net name: the first bounces at once with 5.1.2 (as `torroute route` judges it), the
+    second is a configuration error of the operator and waits (4.3.5); neither reaches tor."""
+    from onions import ONION_A
+
+    bad = ONION_A[:10] + ("a" if ONION_A[10] != "a" else "b") + ONION_A[11:]
+    table = postfix_dir / "transport"
+    table.write_text(f"bad.test torroute:[{bad}]:25\nclear.test torroute:[mail.example.com]:25\n")
+    socks = free_port()  # nothing listens: a dial would defer with 4.4.1, not what is asserted
+    pf = postfix_factory(f"texthash:{table}",
+                         deliver_config=f'[tor]\nsocks = "127.0.0.1:{socks}"\n')
+    pf.submit("alice@origin.test", ["user@bad.test"], message("mistyped onion"))
+    pf.wait_log("status=bounced")
+    [dsn] = clear_sink.wait_for(1, timeout=30)
+    assert dsn.rcpt_tos == ["alice@origin.test"] and b"5.1.2" in dsn.data
+    assert b"onion checksum mismatch" in b" ".join(dsn.data.split())  # unfolded
+    assert "dsn=5.1.2, status=bounced" in pf.log() and "relay=torroute" in pf.log()
+    pf.submit("alice@origin.test", ["user@clear.test"], message("clear name"))
+    queued = pf.wait_queued(1)
+    reason = queued[0]["recipients"][0]["delay_reason"]
+    assert "is not a v3 .onion address" in reason and "require_onion" in reason
+    assert "dsn=4.3.5, status=deferred" in pf.log()
+    assert pf.log().count("status=bounced") == 1 and f"127.0.0.1:{socks}" not in pf.log()

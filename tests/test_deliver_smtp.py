@@ -370,3 +370,71 @@ def test_socks_outcome_tor_down_and_timeout() -> None:
     assert out.status == DEFERRED and "SocksPort 127.0.0.1:9050 unreachable" in out.text
     out = socks_outcome(TimeoutError(), "x:25", ("127.0.0.1", 9050), 120)
     assert out.status == DEFERRED and "timed out after 120s" in out.text
+
+
+# ---- may the next MX (a further SRV target) be tried?
+
+
+def _greeted(reply: bytes, **opts) -> SmtpClient:
+    c = client(**opts)
+    c.receive(reply)
+    return c
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("421 greeting", True), ("554 greeting", True), ("lost before greeting", True),
+    ("silent greeting", True), ("421 to EHLO", True), ("starttls not offered", True),
+    ("certificate refused", True), ("lost after MAIL sent", True),
+    ("451 to MAIL", False), ("550 to RCPT", False), ("450 to RCPT", False),
+    ("554 to DATA", False), ("lost while sending", False), ("lost after the message", False),
+    ("size bounce", False), ("delivered", False),
+])
+def test_may_try_next_only_before_the_server_judged_and_before_the_message(
+        case: str, expect: bool) -> None:
+    """What the backup-target logic of the pipe and the relay rests on."""
+    c = client()
+    if case == "421 greeting":
+        c.receive(b"421 4.3.2 busy\r\n")
+    elif case == "554 greeting":
+        c.receive(b"554 no service\r\n")
+    elif case == "lost before greeting":
+        c.connection_lost("connection closed by the server")
+    elif case == "silent greeting":
+        c.timed_out(2)
+    elif case == "421 to EHLO":
+        c.receive(b"220 mx\r\n")
+        c.receive(b"421 4.3.2 shutting down\r\n")
+    elif case == "starttls not offered":
+        c = _greeted(b"220 mx\r\n", starttls="required")
+        c.receive(EHLO_PLAIN)
+    elif case == "certificate refused":
+        c = _greeted(b"220 mx\r\n", starttls="required")
+        assert c.receive(EHLO_PLAIN.replace(b"250 SIZE", b"250-SIZE\r\n250 STARTTLS")) == [
+            Send(b"STARTTLS\r\n")]
+        assert c.receive(b"220 go ahead\r\n") == [StartTLS()]
+        assert c.tls_refused("TLS certificate is for other.test").dsn == "4.7.5"
+    elif case == "lost after MAIL sent":
+        to_ehlo(c)
+        c.connection_lost("reset")
+    else:
+        to_ehlo(c)
+        replies = {"451 to MAIL": b"451 4.3.0 later\r\n550 x\r\n554 x\r\n",
+                   "550 to RCPT": b"250 ok\r\n550 5.1.1 no\r\n554 x\r\n",
+                   "450 to RCPT": b"250 ok\r\n450 4.2.1 busy\r\n554 x\r\n",
+                   "554 to DATA": b"250 ok\r\n250 ok\r\n554 5.6.0 no\r\n",
+                   "lost while sending": b"250 ok\r\n250 ok\r\n354 go\r\n",
+                   "lost after the message": b"250 ok\r\n250 ok\r\n354 go\r\n",
+                   "delivered": b"250 ok\r\n250 ok\r\n354 go\r\n"}
+        if case == "size bounce":
+            c = client(message=b"x" * 2_000_000)
+            to_ehlo(c)
+        else:
+            c.receive(replies[case])
+            if case == "lost while sending":
+                c.connection_lost("reset")
+            elif case == "lost after the message":
+                c.timed_out(600)
+            elif case == "delivered":
+                c.receive(b"250 2.0.0 stored\r\n")
+    assert c.outcome is not None, case
+    assert c.may_try_next is expect, (case, c.outcome)

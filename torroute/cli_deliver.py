@@ -2,9 +2,10 @@
 
 Postfix bounces mail on any exit status but 0 and 75, so this command must never exit 64 (usage),
 78 (configuration) or 1 (a traceback): every failure of its own is printed as ``4.3.x ...`` and
-exits 75 (defer).  :func:`main` is a fast path that skips the other subcommands' modules
-(``cli.main`` can call it for ``argv[0] == "deliver"``); it imports only the standard library,
-torroute.config, torroute.deliver and torroute.smtp.
+exits 75 (defer).  Its exit statuses: 0 delivered (and ``--help``), 75 deferred, 69 bounced.
+:func:`main` is a fast path that skips the other subcommands' modules (``cli.main`` can call it
+for ``argv[0] == "deliver"``); on the success path it imports only the standard library,
+torroute.config, torroute.deliver, torroute.smtp and torroute.onion (the nexthop check).
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="EHLO name (default [deliver] ehlo_name, else 'localhost')")
     p.add_argument("--starttls", choices=("no", "opportunistic", "required"),
                    help="STARTTLS over the onion (default no)")
+    p.add_argument("--tls-verify", dest="tls_verify", action=argparse.BooleanOptionalAction,
+                   default=None, help="require STARTTLS and a CA-verified certificate for the "
+                   "recipient domain (or a host under it) or the onion (default: no)")
+    p.add_argument("--tls-ca-file", dest="tls_ca_file", metavar="FILE",
+                   help="CA certificates (PEM) for --tls-verify (default: the system's)")
+    for flag, what in (("pipelining", "use PIPELINING when offered (default: yes)"),
+                       ("isolate", "own tor circuits per destination onion (default: no)"),
+                       ("require-onion", "defer a nexthop that is not a .onion (default: yes)")):
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"),
+                       action=argparse.BooleanOptionalAction, default=None, help=what)
     for flag, what in (("connect-timeout", "SOCKS connect through tor"),
                        ("command-timeout", "each SMTP command reply"),
                        ("data-timeout", "sending the message and its final reply"),
@@ -97,7 +108,7 @@ def execute(args: argparse.Namespace) -> int:
             _report(f"4.3.5 torroute deliver: configuration error: {exc}")
             return TEMPFAIL
         outcome = deliver(Delivery(args.sender, args.nexthop, list(args.recipients)), message,
-                          settings)
+                          settings, config)
         _report(outcome.line())
         return outcome.exit_code
     except BaseException as exc:  # noqa: BLE001 - anything at all must defer, not bounce

@@ -13,6 +13,10 @@ that no longer has an onion route is deferred: Postfix resolves it anew on the n
 Speed: SMTP connections through tor are kept per onion for a short idle time and reused
 (``RSET`` pipelined before the next ``MAIL``), which saves the SOCKS/circuit set-up, greeting and
 EHLO round trips.  Any error drops the connection.
+
+Backup MXs: when an onion fails before the message was sent (tor cannot reach it, no or a bad
+greeting, TLS trouble), the route's further SRV targets are tried in RFC 2782 order within the
+same ``time_limit``; a reply to the transaction (4xx/5xx) or a permanent tor refusal is final.
 """
 
 from __future__ import annotations
@@ -26,13 +30,21 @@ from .deliver import (
     SOCKS_VERSION,
     DeliverSettings,
     SocksFailure,
+    after_earlier,
     envelope_sender,
     looks_like_onion,
+    next_targets,
+    none_reached,
+    recipient_domains,
     socks5_connect,
     socks5_greeting,
     socks5_reply_size,
     socks5_userpass,
+    socks_may_try_next,
     socks_outcome,
+    tls_check_peer,
+    tls_context,
+    tls_untrusted,
 )
 from .protocols.lmtp import Transaction, rcpt_reply
 from .routing import NoRoute, Reject, Route, Router
@@ -87,7 +99,7 @@ async def socks_open(host: str, port: int, proxy: tuple[str, int], timeout: floa
 class _Conn:
     """An SMTP connection through tor that has done greeting and EHLO."""
 
-    __slots__ = ("reader", "writer", "extensions", "idle_handle", "uses")
+    __slots__ = ("reader", "writer", "extensions", "idle_handle", "uses", "peer_cert")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -95,6 +107,7 @@ class _Conn:
         self.extensions: dict[str, str] = {}
         self.idle_handle: asyncio.TimerHandle | None = None
         self.uses = 0
+        self.peer_cert: dict | None = None  # after STARTTLS (checked again on reuse)
 
     def close(self, quit: bool = False) -> None:
         if self.idle_handle is not None:
@@ -180,7 +193,11 @@ class Relay:
     async def relay(self, txn: Transaction) -> list[bytes]:
         """One reply per recipient, in order.  Never raises (except cancellation)."""
         replies: list[bytes | None] = [None] * len(txn.recipients)
-        groups: dict[Key, list[int]] = {}
+        # one SMTP transaction per onion; with tls_verify per onion and domain, so that a
+        # certificate is judged for each domain alone (one recipient cannot hold back another)
+        groups: dict[tuple[Key, str], list[int]] = {}
+        targets: dict[tuple[Key, str], list[list[Key]]] = {}  # each recipient's SRV targets
+        verify = self.settings.tls_verify
         for i, rcpt in enumerate(txn.recipients):
             address = rcpt.decode("utf-8", "replace")
             try:
@@ -190,7 +207,10 @@ class Relay:
                 replies[i] = rcpt_reply(451, "4.3.0", f"routing failed: {type(exc).__name__}")
                 continue
             if isinstance(decision, Route):
-                groups.setdefault((decision.onion, decision.port), []).append(i)
+                key = (decision.onion, decision.port)
+                group = (key, decision.domain if verify else "")
+                groups.setdefault(group, []).append(i)
+                targets.setdefault(group, []).append([key, *decision.alternatives])
             elif isinstance(decision, Reject):
                 replies[i] = rcpt_reply(550, "5.1.2", decision.reason)
             elif isinstance(decision, NoRoute):
@@ -200,11 +220,13 @@ class Relay:
                 replies[i] = rcpt_reply(451, "4.4.3", f"{decision.domain}: {decision.reason}")
         sender = envelope_sender(txn.sender.decode("utf-8", "surrogateescape"))
 
-        async def one(key: Key, indexes: list[int]) -> None:
+        async def one(group: tuple[Key, str], indexes: list[int]) -> None:
+            key = group[0]
             rcpts = [txn.recipients[i] for i in indexes]
+            order = [key, *next_targets(targets[group], key)]
             try:
-                async with asyncio.timeout(self.time_limit):
-                    outcomes = await self._deliver(key, sender, rcpts, txn.message)
+                async with asyncio.timeout(self.time_limit):  # for all targets together
+                    outcomes = await self._deliver(order, sender, rcpts, txn.message)
             except TimeoutError:
                 outcomes = [temporary("4.4.2", f"{key[0]}:{key[1]}: relay time limit "
                                       f"{self.time_limit:g}s reached")] * len(rcpts)
@@ -219,15 +241,40 @@ class Relay:
         return [r if r is not None else rcpt_reply(451, "4.3.0", "internal error: no result")
                 for r in replies]
 
-    async def _deliver(self, key: Key, sender: bytes, rcpts: list[bytes],
+    async def _deliver(self, order: list[Key], sender: bytes, rcpts: list[bytes],
                        message: bytes) -> list[Outcome]:
+        """Deliver to the first target of ``order`` that does not fail before the message was
+        sent; one outcome per recipient."""
+        domains = recipient_domains(rcpts) if self.settings.tls_verify else []
+        failures: list[Outcome] = []
+        for n, key in enumerate(order):
+            outcomes, again = await self._deliver_to(key, sender, rcpts, message, domains)
+            if not again:
+                return [after_earlier(o, failures) for o in outcomes]
+            failures.append(outcomes[0])
+            if n + 1 < len(order):
+                nxt = order[n + 1]
+                log.warning("lmtp: %s:%d failed before the message was sent (%s); trying the "
+                            "next SRV target %s:%d", key[0], key[1], outcomes[0].text,
+                            nxt[0], nxt[1])
+        return [none_reached(failures)] * len(rcpts)
+
+    async def _deliver_to(self, key: Key, sender: bytes, rcpts: list[bytes], message: bytes,
+                          domains: list[str]) -> tuple[list[Outcome], bool]:
+        """One target: per-recipient outcomes, and whether it failed before the message was
+        sent in a way the next target may not (then nothing was delivered here)."""
         host, port = key
         s = self.settings
         destination = f"{host}:{port}"
         if not looks_like_onion(host):
-            return [temporary("4.3.5", f"route {destination} is not a v3 .onion")] * len(rcpts)
+            return [temporary("4.3.5", f"route {destination} is not a v3 .onion")] * len(rcpts), \
+                False
         for attempt in (0, 1):
             conn = self.pool.take(key) if attempt == 0 else None
+            if conn is not None and s.tls_verify and \
+                    tls_check_peer(conn.peer_cert, host, domains) is not None:
+                conn.close(quit=True)  # verified for other domains: a fresh one checks anew
+                conn = None
             reused = conn is not None
             if conn is None:
                 try:
@@ -235,7 +282,7 @@ class Relay:
                                                       s.isolate)
                 except (OSError, SocksFailure, ValueError, TimeoutError) as exc:
                     outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
-                    return [outcome] * len(rcpts)
+                    return [outcome] * len(rcpts), socks_may_try_next(exc, outcome)
                 conn = _Conn(reader, writer)
                 self.stats["dialed"] += 1
             else:
@@ -246,7 +293,7 @@ class Relay:
             client = SmtpClient(sender, rcpts, message, options)
             actions = client.resume(conn.extensions) if reused else []
             try:
-                outcome = await self._drive(conn, client, actions, host)
+                outcome = await self._drive(conn, client, actions, host, domains)
             except BaseException:
                 conn.close()
                 raise
@@ -259,13 +306,13 @@ class Relay:
             if reused and outcome.status != DELIVERED and not client._body_sent and \
                     outcome.status != BOUNCED:
                 log.warning("lmtp: reused connection to %s failed (%s); dialing anew",
-                         destination, outcome.text)
+                            destination, outcome.text)
                 continue  # a kept connection went stale: nothing was sent, try a fresh one
-            return client.recipient_outcomes()
+            return client.recipient_outcomes(), client.may_try_next
         raise AssertionError("unreachable")
 
-    async def _drive(self, conn: _Conn, client: SmtpClient, actions: list, host: str
-                     ) -> Outcome:
+    async def _drive(self, conn: _Conn, client: SmtpClient, actions: list, host: str,
+                     domains: list[str]) -> Outcome:
         """Run ``client`` over ``conn`` until it has an outcome (``deliver.run_session``'s
         asyncio twin)."""
         s = self.settings
@@ -289,10 +336,17 @@ class Relay:
                 elif isinstance(action, StartTLS):
                     try:
                         async with asyncio.timeout(s.command_timeout):
-                            await writer.start_tls(_tls_context(s.tls_verify),
-                                                   server_hostname=host)
+                            await writer.start_tls(tls_context(s), server_hostname=host)
                     except (OSError, TimeoutError) as exc:
-                        return client.tls_failed(str(exc))
+                        untrusted = tls_untrusted(exc)
+                        if untrusted is not None:
+                            return client.tls_refused(untrusted)
+                        return client.tls_failed(str(exc) or type(exc).__name__)
+                    conn.peer_cert = writer.get_extra_info("peercert")
+                    if s.tls_verify:
+                        problem = tls_check_peer(conn.peer_cert, host, domains)
+                        if problem is not None:
+                            return client.tls_refused(problem)
                     actions = client.tls_started() + actions
             timeout = s.data_timeout if client.phase == "data-end" else s.command_timeout
             try:
@@ -308,13 +362,3 @@ class Relay:
 
     def close(self) -> None:
         self.pool.close_all()
-
-
-def _tls_context(verify: bool):
-    import ssl
-
-    context = ssl.create_default_context()
-    if not verify:  # the onion address already authenticates the server's key
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

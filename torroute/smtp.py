@@ -357,6 +357,26 @@ class SmtpClient:
     def tls_failed(self, detail: str) -> Outcome:
         return self.connection_lost(f"TLS handshake failed: {detail}")
 
+    def tls_refused(self, detail: str) -> Outcome:
+        """The server's certificate failed ``tls_verify`` (untrusted, or for another name):
+        defer with 4.7.5, as Postfix's verify level does; nothing more is sent, not even QUIT."""
+        if self.outcome is None:
+            self.outcome = temporary("4.7.5", self._said(detail))
+        self.phase = "closed"
+        return self.outcome
+
+    @property
+    def may_try_next(self) -> bool:
+        """Deferred before the server answered MAIL FROM and before the message was sent, so
+        nothing can have been delivered and this server never judged the transaction: another
+        MX of the destination may be tried (RFC 5321 5.1).  True for tor/connection failures
+        that leave no outcome here, a lost or silent connection, a 4xx/5xx greeting (Postfix
+        skips such servers too), a 4xx EHLO, STARTTLS or certificate trouble; False for any
+        reply to MAIL/RCPT/DATA and for a bounce (SIZE, SMTPUTF8)."""
+        out = self.outcome
+        return (out is not None and out.status == DEFERRED and self._mail is None
+                and not self._body_sent)
+
     # ---- the machine
 
     def _said(self, text: str) -> str:
