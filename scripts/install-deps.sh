@@ -5,7 +5,9 @@
 #   - a venv at /opt/torroute (Debian's python3; world-readable, so Postfix's pipe user can run
 #     /opt/torroute/bin/torroute) with torroute and its test/docs extras
 #   - Exim (exim4-daemon-heavy) unpacked into /opt/exim4-heavy (it conflicts with postfix) and
-#     Debian's exim4-config unpacked into /opt/exim4-config
+#     Debian's exim4-config unpacked into /opt/exim4-config (scripts/install-exim.sh)
+# Prefixes: TORROUTE_VENV, EXIM_PREFIX, EXIM_CONFIG_PREFIX.  CI (scripts/fresh-debian-check)
+# checks that it works the first time: into empty prefixes, and in a fresh Debian 12 chroot.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${TORROUTE_VENV:-/opt/torroute}
@@ -28,7 +30,9 @@ packages="tor dnsmasq-base postfix swaks torsocks python3-venv python3-dev iprou
           perl ca-certificates openssl unbound nsd ldnsutils"
 missing=""
 for p in $packages; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+    # no pipe into grep -q: under pipefail an early-exiting grep can fail the pipeline
+    status=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
+    [[ "$status" == *" ok installed" ]] || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
     echo "install-deps: apt-get install$missing"
@@ -36,18 +40,8 @@ if [ -n "$missing" ]; then
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get install -y -q --no-install-recommends $missing
 fi
-# a system tor may still run on machines without policy-rc.d support (no systemd: it does not)
+# Exim unpacked in $EXIM_PREFIX and Debian's exim4-config in $EXIM_CONFIG_PREFIX
 bash "$here/scripts/install-exim.sh"
-# Debian's exim4-config (update-exim4.conf and the split/non-split templates), unpacked, for the
-# Exim plugin's tests against Debian's real generated configuration
-CONFIG_PREFIX=${EXIM_CONFIG_PREFIX:-/opt/exim4-config}
-if [ ! -x "$CONFIG_PREFIX/usr/sbin/update-exim4.conf" ]; then
-    d=$(mktemp -d); chmod 755 "$d"
-    (cd "$d" && apt-get download exim4-config 2>&1 | grep -v "unsandboxed" || true)
-    mkdir -p "$CONFIG_PREFIX"
-    dpkg-deb -x "$d"/exim4-config_*.deb "$CONFIG_PREFIX"
-    rm -rf "$d"
-fi
 
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3 -m venv "$VENV"
@@ -56,7 +50,14 @@ pip_args=(-q --disable-pip-version-check)
 if [ "${TORROUTE_EDITABLE:-0}" = 1 ]; then
     "$VENV/bin/pip" install "${pip_args[@]}" -e "$here[test,docs,testnet,fast]"
 else
-    "$VENV/bin/pip" install "${pip_args[@]}" "$here[test,docs,testnet,fast]"
+    # from a clean copy: pip builds in the source directory, and a build/ left there by an
+    # earlier run keeps modules since deleted from the tree (it also breaks a read-only tree)
+    src=$(mktemp -d)
+    tar -C "$here" --exclude-vcs --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache \
+        --exclude=.hypothesis --exclude=./docs/_build -c . | tar -C "$src" -x
+    "$VENV/bin/pip" install "${pip_args[@]}" "$src[test,docs,testnet,fast]"
+    rm -rf "$src"
 fi
 chmod -R a+rX "$VENV"
 echo "install-deps: ok ($VENV/bin/torroute $("$VENV/bin/torroute" --version | cut -d' ' -f2))"

@@ -413,8 +413,10 @@ def test_cli_up_status_down_beside_the_session_network(testnet, onion_sink) -> N
 def test_demo_runs_end_to_end_and_cleans_up() -> None:
     """The README's first command: its own network, two routed domains, two deliveries."""
     before = set(Path("/tmp").glob("torroute-demo-*"))
+    # this tree's torroute, not whatever /opt/torroute has installed (the same in CI)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.run([sys.executable, "-m", "torroute.demo"], capture_output=True,
-                          text=True, timeout=120, cwd="/tmp")
+                          text=True, timeout=120, cwd="/tmp", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"\.onion:25\tfrom srv \(ttl 300s\)", out)
@@ -545,3 +547,35 @@ def test_stem_in_the_test_process_does_not_kill_the_network(testnet) -> None:
     code, sock = socks5_by_hand(testnet.socks, testnet.onion, 25)
     with sock:
         assert code == 0 and read_line(sock).startswith(b"220 ")
+
+
+def test_onion_ready_is_one_judgement_for_up_and_add_onion() -> None:
+    """0x00 always; 0x01 ("the service's connect to its target failed") only while nothing
+    listens on the target; 0xF0, other codes and no reply never."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        busy = listening.getsockname()
+        closed = tn.free_ports(1)[0]
+        for target in (busy, ("127.0.0.1", closed)):
+            assert tn.onion_ready(0x00, target)
+            for reply in (None, 0xF0, 0xF6, 0x04, 0x05):
+                assert not tn.onion_ready(reply, target)
+        assert not tn.onion_ready(0x01, busy)
+        assert tn.onion_ready(0x01, ("127.0.0.1", closed))
+
+
+@pytest.mark.testnet
+def test_unreachable_added_onion_names_its_own_target(testnet) -> None:
+    """The error of a never-reachable onion names that onion's target, not the session's."""
+    net = testnet.net
+    target = ("127.0.0.1", tn.free_ports(1)[0])
+    onion = net.add_onion({25: target}, wait=False)
+    net.remove_onion(onion)  # before its descriptor is published: never reachable
+    with pytest.raises(BootError) as caught:
+        net.wait_onion_reachable(onion, 25, target, deadline=time.monotonic() + 3)
+    message = str(caught.value).splitlines()[0]
+    assert f"{onion}:25 (-> 127.0.0.1:{target[1]})" in message, message
+    # 0xF0 (descriptor not found) or, when the client's fetch hangs, no reply at all
+    assert re.search(r"never succeeded: (reply 0xf0|no SOCKS reply)", message), message
+    assert tn.hostport(testnet.sink.address) not in message

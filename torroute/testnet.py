@@ -17,6 +17,7 @@ Every torrc passes :func:`check_torrc` before any tor starts; a failing check re
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -355,6 +356,33 @@ def socks_probe(proxy: HostPort, host: str, port: int, timeout: float = 10.0) ->
             return socks5_reply_code(data)
     except OSError:
         return None
+
+
+def onion_ready(reply: int | None, target: HostPort) -> bool:
+    """Whether one reply of the client's ExtendedErrors SocksPort proves an onion service
+    reachable (the one judgement for ``up()`` and ``add_onion()``); ``target`` is the loopback
+    address the service maps the probed virtual port to.
+
+    0x00: connected.  0x01: on that port onion failures are 0xF0..0xF7, so 0x01 means the
+    rendezvous worked and the service's own connect to ``target`` failed (measured: after
+    ~0.2 s; an unmapped virtual port gives 0x05).  That proves the onion works when nothing
+    listens on ``target`` yet (``testnet up`` before the user's sink starts), not when
+    something does (then ask again: it may have started listening just now).
+    """
+    if reply == SOCKS_OK:
+        return True
+    return reply == SOCKS_GENERAL_FAILURE and not _tcp_listening(target)
+
+
+def _probe_failure(reply: int | None, target: HostPort) -> str:
+    if reply is None:
+        return "no SOCKS reply (the rendezvous never completed)"
+    if reply == SOCKS_DESCRIPTOR_NOT_FOUND:
+        return "reply 0xf0 (the client never found the onion's descriptor)"
+    if reply == SOCKS_GENERAL_FAILURE:
+        return (f"reply 0x01: the onion service could not connect to {hostport(target)}, "
+                f"although something listens there")
+    return f"reply {reply:#04x}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -897,26 +925,23 @@ class PrivateNetwork:
                    lambda: address in self._uploaded, hs, pause=0.1)
         self._say("onion descriptor uploaded")
         vport = min(self.onion_ports)
-        target = self.onion_ports[vport]
-        if _tcp_listening(target):
-            self.wait_onion_reachable(self.onion, vport, deadline=deadline)
-            self._say(f"onion reachable through SOCKS ({self.onion})")
+        self._wait_reachable(self.onion, vport, self.onion_ports[vport], deadline)
+
+    def _wait_reachable(self, onion: str, vport: int, target: HostPort, deadline: float) -> None:
+        reply = self.wait_onion_reachable(onion, vport, target, deadline=deadline)
+        if reply == SOCKS_OK:
+            self._say(f"onion reachable through SOCKS ({onion})")
         else:
-            # nothing listens behind the onion yet (e.g. `testnet up` before the user's sink):
-            # the service itself answering "target closed" proves the rendezvous works
-            self.wait_onion_reachable(self.onion, vport, deadline=deadline,
-                                      accept=(SOCKS_OK, SOCKS_GENERAL_FAILURE))
-            self._say(f"onion reachable through SOCKS ({self.onion}); note: nothing listens "
+            self._say(f"onion reachable through SOCKS ({onion}); note: nothing listens "
                       f"on {hostport(target)} yet")
 
-    def wait_onion_reachable(self, onion: str, vport: int, *, deadline: float,
-                             accept: tuple[int, ...] = (SOCKS_OK,)) -> None:
-        """Retry a real SOCKS connect until it succeeds (0xF0 = the client has no descriptor
-        yet, or raced the upload to the other HSDirs: ask again after 1 s).
+    def wait_onion_reachable(self, onion: str, vport: int, target: HostPort, *,
+                             deadline: float) -> int:
+        """Retry a real SOCKS connect to ``onion:vport`` (whose service maps it to ``target``)
+        until :func:`onion_ready` judges the reply a success; returns that reply.
 
-        ``accept``: the replies that count as reachable.  On the ExtendedErrors port, onion
-        failures are 0xF0..0xF7, so 0x01 there means the service answered but its target
-        port is closed (measured: 0x01 after ~0.2 s; an unconfigured virtual port gives 0x05).
+        0xF0 = the client has no descriptor yet, or raced the upload to the other HSDirs: ask
+        again after 1 s.  No reply at all (a hung stream): NEWNYM, then ask again.
         """
         last: int | None = None
 
@@ -924,15 +949,14 @@ class PrivateNetwork:
             nonlocal last
             last = socks_probe(self.socks_extended, onion, vport,
                                timeout=max(1.0, min(15.0, deadline - time.monotonic())))
-            return last in accept
+            return onion_ready(last, target)
 
         while not attempt():
             self._check_alive()
             if time.monotonic() > deadline:
                 client = self.node("client")
-                code = "no reply" if last is None else f"reply {last:#04x}"
-                raise BootError(f"SOCKS connect to {onion}:{vport} never succeeded ({code}); "
-                                f"is something listening on {self.onion_ports.get(vport)}?",
+                raise BootError(f"SOCKS connect to {onion}:{vport} (-> {hostport(target)}) "
+                                f"never succeeded: {_probe_failure(last, target)}",
                                 client.name, client.log_tail())
             if last is None:
                 # the stream hung (seen once under load: every HSDir fetch failed, "No more
@@ -940,6 +964,8 @@ class PrivateNetwork:
                 # and circuits, so the next attempt fetches the descriptor afresh
                 self.newnym()
             time.sleep(1.0 if last == SOCKS_DESCRIPTOR_NOT_FOUND else 0.3)
+        assert last is not None
+        return last
 
     # ---- more onion services
 
@@ -963,7 +989,13 @@ class PrivateNetwork:
             with self._uploaded_cv:
                 self._uploaded_cv.wait_for(lambda: match.group(1) in self._uploaded,
                                            timeout=timeout)
-            self.wait_onion_reachable(onion, min(ports), deadline=deadline)
+            vport = min(ports)
+            try:
+                self._wait_reachable(onion, vport, ports[vport], deadline)
+            except BaseException:
+                with contextlib.suppress(Exception):  # keep the first error (hs tor gone?)
+                    self.remove_onion(onion)
+                raise
         return onion
 
     def remove_onion(self, onion: str) -> None:
