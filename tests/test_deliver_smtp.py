@@ -8,15 +8,12 @@ from hypothesis import strategies as st
 from onions import ONION_A
 
 from torroute.deliver import (
-    SocksFailure,
     envelope_sender,
     looks_like_onion,
     parse_nexthop,
-    socks5_connect,
-    socks5_greeting,
-    socks5_reply_size,
     socks_outcome,
 )
+from torroute.protocols.socks5 import SocksFailure
 from torroute.smtp import (
     BOUNCED,
     DEFERRED,
@@ -342,15 +339,6 @@ def test_envelope_sender() -> None:
     assert envelope_sender("") == b"" and envelope_sender("MAILER-DAEMON") == b""
     assert envelope_sender("<>") == b""
     assert envelope_sender('"a b"@x.test') == b'"a b"@x.test'
-
-
-def test_socks5_codec() -> None:
-    assert socks5_greeting(False) == b"\x05\x01\x00"
-    assert socks5_greeting(True) == b"\x05\x01\x02"
-    assert socks5_connect("ab.onion", 25) == b"\x05\x01\x00\x03\x08ab.onion\x00\x19"
-    assert socks5_reply_size(b"\x05\x00\x00\x01\x00") == 10
-    assert socks5_reply_size(b"\x05\x00\x00\x04\x00") == 22
-    assert socks5_reply_size(b"\x05\x00\x00\x03\x05") == 12
 
 
 @pytest.mark.parametrize("code,status,dsn", [

@@ -23,8 +23,6 @@ from torroute.testnet import (
     check_torrc,
     consensus_relays,
     parse_onion_port,
-    socks5_connect_request,
-    socks5_reply_code,
     voting_offset,
 )
 
@@ -250,14 +248,6 @@ def test_consensus_relays_parses_flags() -> None:
     assert consensus_relays(doc) == {
         "auth0": {"Authority", "Fast", "Guard", "HSDir", "Running", "Stable", "V2Dir", "Valid"},
         "relay0": {"Fast", "Valid"}}
-
-
-def test_socks5_codec() -> None:
-    request = socks5_connect_request("ab.onion", 25)
-    assert request == b"\x05\x01\x00\x05\x01\x00\x03\x08ab.onion\x00\x19"
-    assert socks5_reply_code(b"\x05\x00\x05\xf0\x00\x01") == 0xF0
-    assert socks5_reply_code(b"\x05\x00\x05") is None
-    assert socks5_reply_code(b"\x05\xff") is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ through Tor's SocksPort.
 Why a native program instead of Postfix's ``smtp`` under ``torsocks``: torsocks breaks Postfix
 (IPv6 sockets, connection-cache descriptor passing, throttled transports).  This program is
 started once per message (or per recipient with ``recipient_limit = 1``), so it imports only the
-standard library on the success path: the SOCKS5 handshake is a few bytes done here, the SMTP
-protocol is :mod:`torroute.smtp` (pure), and :mod:`torroute.socks` (tor's error table, asyncio)
-is imported only when tor refuses.
+standard library on the success path: the SOCKS5 handshake is :mod:`torroute.protocols.socks5`
+(pure, with tor's error table) driven by :func:`torroute.tordial.connect`, the SMTP protocol is
+:mod:`torroute.smtp` (pure); neither asyncio nor python-socks is imported.
 
 Every path ends in an :class:`~torroute.smtp.Outcome`: exit 0 delivered, 75 deferred, 69
 bounced, with the enhanced status code first on stdout (pipe(8): it wins over the exit status).
@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import time
 from collections.abc import Sequence
 
+from . import tordial
+from .protocols.socks5 import SocksFailure, describe
 from .smtp import (
     DEFERRED,
     Close,
@@ -186,84 +187,7 @@ def envelope_sender(sender: str) -> bytes:
     return raw
 
 
-# ---- SOCKS5 to tor (pure codec + one blocking function)
-
-SOCKS_VERSION = 5
-
-
-def socks5_greeting(auth: bool) -> bytes:
-    """Offer 'no authentication', or username/password (tor's IsolateSOCKSAuth)."""
-    return bytes([SOCKS_VERSION, 1, 2 if auth else 0])
-
-
-def socks5_userpass(username: bytes, password: bytes) -> bytes:
-    return bytes([1, len(username)]) + username + bytes([len(password)]) + password
-
-
-def socks5_connect(host: str, port: int) -> bytes:
-    """CONNECT with the host name (ATYP 3): tor resolves it; nothing is resolved locally."""
-    name = host.encode("ascii")
-    if not 0 < len(name) < 256:
-        raise ValueError("host name length")
-    return bytes([SOCKS_VERSION, 1, 0, 3, len(name)]) + name + struct.pack(">H", port)
-
-
-def socks5_reply_size(head: bytes) -> int:
-    """Total size of a CONNECT reply, from its first 5 bytes."""
-    atyp = head[3]
-    if atyp == 1:
-        return 10
-    if atyp == 4:
-        return 22
-    if atyp == 3:
-        return 7 + head[4]
-    raise ValueError(f"SOCKS reply with address type {atyp}")
-
-
-class SocksFailure(Exception):
-    """Tor answered the CONNECT with a non-zero reply code (or garbage: code None)."""
-
-    def __init__(self, code: int | None, detail: str = "") -> None:
-        super().__init__(detail or f"SOCKS reply {code}")
-        self.code = code
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise SocksFailure(None, "tor closed the SOCKS connection")
-        data += chunk
-    return data
-
-
-def socks_dial(host: str, port: int, proxy: tuple[str, int], timeout: float,
-               isolate: bool = False) -> socket.socket:
-    """A socket connected to host:port through tor's SocksPort.  Raises OSError when the
-    SocksPort is unreachable, SocksFailure when tor refuses, TimeoutError."""
-    sock = socket.create_connection(proxy, timeout=timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(socks5_greeting(isolate))
-        reply = _recv_exact(sock, 2)
-        if reply[0] != SOCKS_VERSION or reply[1] != (2 if isolate else 0):
-            raise SocksFailure(None, f"tor refused the SOCKS5 method ({reply.hex()})")
-        if isolate:
-            sock.sendall(socks5_userpass(f"torroute:{host}".encode(), b"torroute"))
-            if _recv_exact(sock, 2)[1] != 0:
-                raise SocksFailure(None, "tor refused SOCKS5 username/password")
-        sock.sendall(socks5_connect(host, port))
-        head = _recv_exact(sock, 5)
-        if head[0] != SOCKS_VERSION:
-            raise SocksFailure(None, f"not a SOCKS5 reply ({head.hex()})")
-        if head[1] != 0:
-            raise SocksFailure(head[1])
-        _recv_exact(sock, socks5_reply_size(head) - 5)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+# ---- SOCKS5 to tor: torroute.protocols.socks5 (codec) and torroute.tordial (drivers)
 
 
 def socks_may_try_next(exc: BaseException, outcome: Outcome) -> bool:
@@ -285,13 +209,11 @@ def socks_outcome(exc: BaseException, destination: str, proxy: tuple[str, int],
         return temporary("4.4.1", f"{destination}: connect through tor timed out after "
                          f"{timeout:g}s")
     if isinstance(exc, SocksFailure):
-        from .socks import socks_error  # tor's reply table (heavier imports: failures only)
-
-        error = socks_error(exc.code, destination, str(exc))
-        if error.temporary:
-            return temporary("4.4.1", f"tor: {error}")
+        message, is_temporary = describe(exc.code, destination, str(exc))
+        if is_temporary:
+            return temporary("4.4.1", f"tor: {message}")
         dsn = "5.1.2" if exc.code == 0xF6 else "5.7.1" if exc.code in (0xF4, 0xF5) else "5.4.4"
-        return permanent(dsn, f"tor: {error}")
+        return permanent(dsn, f"tor: {message}")
     if isinstance(exc, ValueError):
         return temporary("4.4.1", f"{destination}: SOCKS5 with tor failed: {exc}")
     return temporary("4.4.1", f"tor SocksPort {where} unreachable: "
@@ -564,7 +486,7 @@ def _attempt(target: Target, sender: bytes, recipients: list[bytes], message: by
         return temporary("4.4.2", f"{destination}: not tried, time limit "
                          f"{settings.time_limit:g}s reached"), False
     try:
-        sock = socks_dial(host, port, settings.proxy, budget, settings.isolate)
+        sock = tordial.connect(host, port, settings.proxy, budget, settings.isolate)
     except (OSError, SocksFailure, ValueError) as exc:
         outcome = socks_outcome(exc, destination, settings.proxy, budget)
         return outcome, socks_may_try_next(exc, outcome)

@@ -26,20 +26,15 @@ import logging
 import time
 from collections.abc import Callable
 
+from . import tordial
 from .deliver import (
-    SOCKS_VERSION,
     DeliverSettings,
-    SocksFailure,
     after_earlier,
     envelope_sender,
     looks_like_onion,
     next_targets,
     none_reached,
     recipient_domains,
-    socks5_connect,
-    socks5_greeting,
-    socks5_reply_size,
-    socks5_userpass,
     socks_may_try_next,
     socks_outcome,
     tls_check_peer,
@@ -47,6 +42,7 @@ from .deliver import (
     tls_untrusted,
 )
 from .protocols.lmtp import Transaction, rcpt_reply
+from .protocols.socks5 import SocksFailure
 from .routing import NoRoute, Reject, Route, Router
 from .smtp import (
     BOUNCED,
@@ -63,37 +59,6 @@ from .smtp import (
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (onion, port)
-
-
-async def socks_open(host: str, port: int, proxy: tuple[str, int], timeout: float,
-                     isolate: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams to host:port through tor's SocksPort (the onion name goes to tor, resolved
-    nowhere else).  Raises OSError, TimeoutError or :class:`SocksFailure` as ``socks_dial``."""
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(proxy[0], proxy[1])
-        try:
-            writer.write(socks5_greeting(isolate))
-            head = await reader.readexactly(2)
-            if head[0] != SOCKS_VERSION or head[1] != (2 if isolate else 0):
-                raise SocksFailure(None, f"tor refused the SOCKS5 method ({head.hex()})")
-            if isolate:
-                writer.write(socks5_userpass(f"torroute:{host}".encode(), b"torroute"))
-                if (await reader.readexactly(2))[1] != 0:
-                    raise SocksFailure(None, "tor refused SOCKS5 username/password")
-            writer.write(socks5_connect(host, port))
-            head = await reader.readexactly(5)
-            if head[0] != SOCKS_VERSION:
-                raise SocksFailure(None, f"not a SOCKS5 reply ({head.hex()})")
-            if head[1] != 0:
-                raise SocksFailure(head[1])
-            await reader.readexactly(socks5_reply_size(head) - 5)
-        except asyncio.IncompleteReadError:
-            writer.close()
-            raise SocksFailure(None, "tor closed the SOCKS connection") from None
-        except BaseException:
-            writer.close()
-            raise
-    return reader, writer
 
 
 class _Conn:
@@ -278,8 +243,8 @@ class Relay:
             reused = conn is not None
             if conn is None:
                 try:
-                    reader, writer = await socks_open(host, port, s.proxy, s.connect_timeout,
-                                                      s.isolate)
+                    reader, writer = await tordial.open_connection(
+                        host, port, s.proxy, s.connect_timeout, s.isolate)
                 except (OSError, SocksFailure, ValueError, TimeoutError) as exc:
                     outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
                     return [outcome] * len(rcpts), socks_may_try_next(exc, outcome)

@@ -27,13 +27,14 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import tordial
 
 HostPort = tuple[str, int]
 Progress = Callable[[str], None]
@@ -247,20 +248,6 @@ def parse_onion_port(text: str) -> tuple[int, HostPort]:
     return vport, (host, int(port))
 
 
-def socks5_connect_request(host: str, port: int) -> bytes:
-    """Greeting (no auth) + CONNECT to a domain name, sent in one write."""
-    name = host.encode("ascii")
-    return (b"\x05\x01\x00" + b"\x05\x01\x00\x03" + bytes([len(name)]) + name
-            + struct.pack(">H", port))
-
-
-def socks5_reply_code(data: bytes) -> int | None:
-    """The CONNECT reply code from the 2-byte method answer + reply; None if incomplete."""
-    if len(data) < 4 or data[0] != 5 or data[2] != 5:
-        return None
-    return data[3]
-
-
 def hostport(hp: HostPort) -> str:
     return f"{hp[0]}:{hp[1]}"
 
@@ -340,22 +327,18 @@ def _rss_kib(pid: int) -> int:
 
 
 def socks_probe(proxy: HostPort, host: str, port: int, timeout: float = 10.0) -> int | None:
-    """One SOCKS5 CONNECT through ``proxy``; the reply code, or None (no reply in time).
+    """One SOCKS5 CONNECT through ``proxy`` (greeting and CONNECT in one write); the reply
+    code, or None (no reply in time, or not a SOCKS5 answer).
 
     On success the stream is closed at once: the probe only proves the onion is reachable.
     """
     try:
-        with socket.create_connection(proxy, timeout=timeout) as sock:
-            sock.sendall(socks5_connect_request(host, port))
-            data = b""
-            while len(data) < 4:
-                chunk = sock.recv(4 - len(data))
-                if not chunk:
-                    break
-                data += chunk
-            return socks5_reply_code(data)
+        tordial.connect(host, port, proxy, timeout, pipeline=True).close()
+    except tordial.SocksFailure as exc:
+        return exc.code
     except OSError:
         return None
+    return 0
 
 
 def onion_ready(reply: int | None, target: HostPort) -> bool:

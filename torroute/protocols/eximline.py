@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from . import (
+from .lookup import (
     Event,
     LineParser,
     Lookup,

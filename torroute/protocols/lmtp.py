@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import sanitize_reason
+from .lookup import sanitize_reason
 
 CRLF = b"\r\n"
 MAX_LINE = 2048  # RFC 5321 says 512 for a command line; room for SMTPUTF8 and parameters

@@ -6,7 +6,7 @@ netstring cannot be resynchronised, so the parser answers ``PERM`` once and asks
 
 from __future__ import annotations
 
-from . import (
+from .lookup import (
     DEFAULT_MAX_REQUEST,
     POSTFIX_REJECT,
     Event,

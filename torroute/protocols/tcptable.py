@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from . import (
+from .lookup import (
     POSTFIX_REJECT,
     Event,
     LineParser,
