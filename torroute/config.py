@@ -180,10 +180,38 @@ def domain_pattern(text: str) -> str:
     return normalize_domain(text)
 
 
-def load_config(path: Path | str | None = None, args: argparse.Namespace | None = None) -> Config:
-    """Read the TOML file (the default path may be absent) and apply command-line overrides."""
+def default_config_path() -> tuple[Path, bool]:
+    """The configuration file to read and whether it must exist: ``TORROUTE_CONFIG`` (it must),
+    else /etc/torroute/torroute.toml (if present), as the CLI's ``--config`` default."""
+    env = os.environ.get("TORROUTE_CONFIG")
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+#: load_config's keyword overrides: the Config attributes a TOML key sets
+OVERRIDE_KEYS: frozenset[str] = frozenset(_TOML_KEYS.values())
+#: the tables other modules read through Config.section (given whole, checked by their reader)
+OTHER_TABLES: tuple[str, ...] = ("deliver", "serve")
+
+
+def load_config(path: Path | str | None = None, _args: argparse.Namespace | None = None,
+                **overrides: Any) -> Config:
+    """Read the TOML file and apply overrides: the library's one way to get a :class:`Config`.
+
+    ``path`` None means ``TORROUTE_CONFIG`` (which must exist), else
+    /etc/torroute/torroute.toml if present, else the defaults.  ``overrides`` are the TOML
+    settings by their :class:`Config` name (``maps=[...]``, ``nameservers=["127.0.0.1:53"]``,
+    ``tor_socks="127.0.0.1:9050"``), checked with the file's coercion, or a whole other table
+    by name (``deliver={"time_limit": 60}``); they replace the file's values.  Unknown names
+    and bad values raise :class:`~torroute.errors.ConfigError`.  (``_args``: the CLI's argparse
+    flags, applied last; library code never needs it.)
+    """
     explicit = path is not None
-    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if path is None:
+        cfg_path, explicit = default_config_path()
+    else:
+        cfg_path = Path(path)
     config = Config()
     data: dict[str, Any] = {}
     if explicit or cfg_path.exists():
@@ -210,9 +238,26 @@ def load_config(path: Path | str | None = None, args: argparse.Namespace | None 
             setattr(config, attr, _coerce(attr, value, f"{cfg_path}: {table}.{key}"))
     if config.path is not None:  # relative map paths are relative to the config file
         config.maps = [config.path.parent / p for p in config.maps]
-    if args is not None:
-        apply_args(config, args)
+    if overrides:
+        apply_overrides(config, overrides)
+    if _args is not None:
+        apply_args(config, _args)
     return config
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any]) -> None:
+    """``load_config``'s keywords: a setting by its Config name (map paths stay as given:
+    relative to the working directory, like the CLI's ``--map``), or another table whole."""
+    for name, value in overrides.items():
+        if name in OVERRIDE_KEYS:
+            setattr(config, name, _coerce(name, value, f"load_config({name}=...)"))
+        elif name in OTHER_TABLES and isinstance(value, dict):
+            # a table other modules read and check through Config.section
+            config.raw = {**config.raw, name: dict(value)}
+        else:
+            raise ConfigError(f"load_config: unknown setting {name!r} (expected one of "
+                              f"{', '.join(sorted(OVERRIDE_KEYS))}, or a table: "
+                              f"{', '.join(f'{t}={{...}}' for t in OTHER_TABLES)})")
 
 
 def apply_args(config: Config, args: argparse.Namespace) -> None:

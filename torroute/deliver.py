@@ -476,10 +476,18 @@ def _attempt(target: Target, sender: bytes, recipients: list[bytes], message: by
     """One target: its outcome, and whether it failed before the message was sent in a way
     another target may not (:func:`socks_may_try_next`, ``SmtpClient.may_try_next``)."""
     host, port = target
-    destination = f"{host}:{port}"
     options = Options(ehlo_name=settings.ehlo_name, starttls=settings.starttls,
-                      pipelining=settings.pipelining, destination=destination)
+                      pipelining=settings.pipelining, destination=f"{host}:{port}")
     client = SmtpClient(sender, recipients, message, options)
+    return attempt_with(target, client, settings, clock, domains)
+
+
+def attempt_with(target: Target, client: SmtpClient, settings: DeliverSettings, clock: _Clock,
+                 domains: Sequence[str] = ()) -> tuple[Outcome, bool]:
+    """:func:`_attempt` with the caller's client (``torroute.send_message`` wants
+    ``per_recipient`` outcomes): dial ``target`` through tor and run the session."""
+    host, port = target
+    destination = f"{host}:{port}"
     try:
         budget = clock.budget(settings.connect_timeout)
     except TimeoutError:
