@@ -88,9 +88,12 @@ def test_load_config_default_path_honours_torroute_config(tmp_path: Path, monkey
     monkeypatch.setenv("TORROUTE_CONFIG", str(tmp_path / "missing.toml"))
     with pytest.raises(torroute.ConfigError, match="does not exist"):
         torroute.load_config()  # named explicitly: a missing file is an error, not defaults
-    # the CLI's call keeps working: flags (an argparse Namespace) win over the file
-    args = argparse.Namespace(tor_socks="127.0.0.1:9222", maps=None)
-    assert torroute.load_config(cfg, args).tor_socks == ("127.0.0.1", 9222)
+    # the CLI's call keeps working: flags (an argparse Namespace, turned into overrides by the
+    # CLI layer) win over the file
+    from torroute.cli_options import load_cli_config
+
+    args = argparse.Namespace(config=str(cfg), tor_socks="127.0.0.1:9222", maps=None)
+    assert load_cli_config(args).tor_socks == ("127.0.0.1", 9222)
 
 
 # ---- on the private Tor network

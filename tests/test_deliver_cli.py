@@ -441,11 +441,11 @@ def test_every_deliver_setting_has_a_flag() -> None:
                               "--tls-ca-file=/etc/ssl/certs/ca-certificates.crt", "--", "r@x"])
     config = Config()
     config.raw = {"deliver": {"pipelining": True, "isolate": False, "require_onion": True}}
-    s = DeliverSettings.from_config(config, args)
+    s = DeliverSettings.from_config(config, {k: getattr(args, k) for k in keys})
     assert (s.pipelining, s.isolate, s.require_onion, s.tls_verify) == (False, True, False, True)
     assert s.starttls == "required" and s.tls_ca_file == "/etc/ssl/certs/ca-certificates.crt"
-    plain = DeliverSettings.from_config(config, parser.parse_args(
-        ["--sender=a@b.test", "--nexthop=x", "--", "r@x"]))
+    plain_args = parser.parse_args(["--sender=a@b.test", "--nexthop=x", "--", "r@x"])
+    plain = DeliverSettings.from_config(config, {k: getattr(plain_args, k) for k in keys})
     assert (plain.pipelining, plain.isolate, plain.require_onion) == (True, False, True)
 
 

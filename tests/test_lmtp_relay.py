@@ -187,8 +187,6 @@ def test_pooled_connection_whose_mx_went_away_is_replaced(testnet, dnsmasq_facto
 def test_lmtp_listener_settings(serve_dir) -> None:
     """An lmtp listener switches the Postfix answer to the daemon's socket; a non-loopback
     one is refused (an unauthenticated relay into tor) unless allow_remote."""
-    import argparse
-
     from torroute.errors import ConfigError
     from torroute.server import ServeSettings
 
@@ -197,8 +195,8 @@ def test_lmtp_listener_settings(serve_dir) -> None:
     config = load_config(str(cfg))
 
     def settings(*lmtp: str, remote: bool = False) -> ServeSettings:
-        args = argparse.Namespace(lmtp=list(lmtp), allow_remote=remote or None)
-        return ServeSettings.from_config(config, args)
+        return ServeSettings.from_config(config, {"lmtp": list(lmtp),
+                                                   "allow_remote": remote or None})
 
     assert settings().lmtp_answer is None
     s = settings(f"unix:{serve_dir}/lmtp.sock")

@@ -93,8 +93,6 @@ def test_contrib_example_config_is_valid() -> None:
 
 
 def test_max_connections_and_bad_flags(tmp_path: Path, daemon_records) -> None:
-    import argparse
-
     port = free_port()
     daemon = LookupDaemon(Config(), settings(port, max_connections=2))
 
@@ -118,9 +116,9 @@ def test_max_connections_and_bad_flags(tmp_path: Path, daemon_records) -> None:
     refused, *answers = asyncio.run(main())
     assert refused == b""
     assert answers == [b"200 error:5.1.2%20invalid%20.onion%20address\n"] * 2
-    args = argparse.Namespace(socket_mode="rw", tcp_table=["inet:127.0.0.1:1"])
+    overrides = {"socket_mode": "rw", "tcp_table": ["inet:127.0.0.1:1"]}
     with pytest.raises(ConfigError, match="not octal"):
-        ServeSettings.from_config(Config(), args)
+        ServeSettings.from_config(Config(), overrides)
 
 
 def test_reload_state_one_error_line_and_old_configuration_kept(tmp_path: Path,

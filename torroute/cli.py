@@ -17,10 +17,8 @@ COMMAND_MODULES = ["core", "testnet", "serve", "deliver", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import add_common_arguments
-
-    common = argparse.ArgumentParser(add_help=False)
-    add_common_arguments(common)
+    """Each command module's ``register(subparsers)`` picks its option groups from
+    torroute.cli_options: a command lists (and accepts) only the flags it uses."""
     parser = argparse.ArgumentParser(
         prog="torroute",
         description="Deliver mail for ordinary domains over Tor onion services.",
@@ -36,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"torroute.cli_{name}":
                 raise
             continue  # a command not installed in this build
-        module.register(subparsers, [common])
+        module.register(subparsers)
     return parser
 
 
@@ -59,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ConfigError, TorrouteError
 
     try:
-        from .config import load_config
+        from .cli_options import load_cli_config
 
-        config = load_config(args.config, args) if getattr(args, "uses_config", True) else None
+        config = load_cli_config(args) if getattr(args, "uses_config", True) else None
         return args.run(args, config)
     except ConfigError as exc:
         print(f"torroute: configuration error: {exc}", file=sys.stderr)

@@ -12,17 +12,21 @@ import sys
 from pathlib import Path
 
 from . import exitcodes
+from .cli_options import global_options, tor_options
 
 PORT_HELP = "VIRTPORT=TARGET, e.g. 25=127.0.0.1:2525 (repeatable; TARGET: PORT, IP:PORT or " \
             "unix:PATH)"
 
 
-def register(subparsers, common) -> None:
+def register(subparsers) -> None:
+    """tor/onion: global+tor and the control password; torrc: global + --tor-socks/--tor-dns
+    (the ports its client lines name)."""
     auth = argparse.ArgumentParser(add_help=False)
-    auth.add_argument("--tor-control-password-file", metavar="FILE",
-                      help="read the control password from FILE (first line); "
-                      "default: [tor] control_password, else cookie authentication")
-    parents = list(common) + [auth]
+    auth.add_argument_group("control options").add_argument(
+        "--tor-control-password-file", metavar="FILE",
+        help="read the control password from FILE (first line); "
+        "default: [tor] control_password, else cookie authentication")
+    parents = [global_options(), tor_options(), auth]
 
     # torroute tor ...
     tor = subparsers.add_parser("tor", help="check and fix tor's settings for torroute",
@@ -110,7 +114,8 @@ def register(subparsers, common) -> None:
 
     # torroute torrc
     p = subparsers.add_parser(
-        "torrc", parents=common, help="print the torrc lines torroute needs",
+        "torrc", parents=[global_options(), tor_options(control=False)],
+        help="print the torrc lines torroute needs",
         description="Render torrc lines for configuration management: the client side "
         "(SocksPort ExtendedErrors, DNSPort, automap; from [tor] socks/dns) and, with "
         "--onion-dir, this machine's onion MX (HiddenServiceDir/HiddenServicePort).")

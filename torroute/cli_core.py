@@ -7,24 +7,28 @@ import json
 import sys
 
 from . import exitcodes
+from .cli_options import global_options, routing_options, tor_options
 
 
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("route", parents=common, help="where does mail for a domain go?",
+def register(subparsers) -> None:
+    """route: global+routing+tor; resolve (DNSPort) and dial (SocksPort): global+tor."""
+    routed = [global_options(), routing_options(), tor_options()]
+    tor_only = [global_options(), tor_options()]
+    p = subparsers.add_parser("route", parents=routed, help="where does mail for a domain go?",
                               description="Print the onion route for a domain or address: "
                               "<onion>:<port> and where it came from (map file:line or SRV+TTL).")
     p.add_argument("destination", metavar="DOMAIN_OR_ADDRESS")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(run=run_route)
 
-    p = subparsers.add_parser("resolve", parents=common,
+    p = subparsers.add_parser("resolve", parents=tor_only,
                               help="the automap IPv4 tor gives an onion (DNSPort)")
     p.add_argument("onion")
     p.add_argument("--json", action="store_true")
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(run=run_resolve)
 
-    p = subparsers.add_parser("dial", parents=common,
+    p = subparsers.add_parser("dial", parents=tor_only,
                               help="connect through tor and print the server's first line")
     p.add_argument("host")
     p.add_argument("port", type=int)

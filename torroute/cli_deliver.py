@@ -5,7 +5,11 @@ Postfix bounces mail on any exit status but 0 and 75, so this command must never
 exits 75 (defer).  Its exit statuses: 0 delivered (and ``--help``), 75 deferred, 69 bounced.
 :func:`main` is a fast path that skips the other subcommands' modules (``cli.main`` can call it
 for ``argv[0] == "deliver"``); on the success path it imports only the standard library,
+torroute.cli_options and torroute.exitcodes (both tiny, standard library only),
 torroute.config, torroute.deliver, torroute.smtp and torroute.onion (the nexthop check).
+
+Its option groups: global (``--config``, ``-v``), routing (a failed SRV target is routed again
+for the backups: torroute.deliver.backup_targets), ``--tor-socks`` (the proxy) and its own.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-TEMPFAIL = 75
+from .cli_options import global_options, routing_options, tor_options
+from .exitcodes import TEMPFAIL
+
 DESCRIPTION = (
     "Deliver one message (stdin) over SMTP to an onion MX through tor's SocksPort.  Meant for "
     "a Postfix pipe(8) service: argv=/opt/torroute/bin/torroute deliver --sender=${sender} "
@@ -43,7 +49,13 @@ def _defer_on_usage_error(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+def parents() -> list[argparse.ArgumentParser]:
+    """What deliver reads: the config, the routing flags (backup routing) and the SocksPort."""
+    return [global_options(), routing_options(), tor_options(dns=False, control=False)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser.add_argument_group("deliver options")
     p.add_argument("--sender", required=True, metavar="ADDRESS",
                    help="envelope sender, ${sender} (empty or MAILER-DAEMON: the null sender)")
     p.add_argument("--nexthop", required=True, metavar="[ONION]:PORT",
@@ -71,9 +83,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipients", nargs="+", metavar="RECIPIENT", help="${recipient} (after --)")
 
 
-def register(subparsers, common) -> None:
-    p = subparsers.add_parser("deliver", parents=common, help="Postfix pipe(8) delivery over tor",
-                              description=DESCRIPTION)
+def register(subparsers) -> None:
+    p = subparsers.add_parser("deliver", parents=parents(),
+                              help="Postfix pipe(8) delivery over tor", description=DESCRIPTION)
     add_arguments(p)
     _defer_on_usage_error(p)
     p.set_defaults(run=run, uses_config=False)  # run() loads it: a bad config must defer
@@ -97,13 +109,14 @@ def execute(args: argparse.Namespace) -> int:
     """Read the message, deliver it, print the status line; never raises, never exits 1."""
     try:
         message = sys.stdin.buffer.read()  # first: Postfix must not see a broken pipe
-        from .config import load_config
-        from .deliver import DeliverSettings, Delivery, deliver
+        from .cli_options import load_cli_config
+        from .deliver import OVERRIDABLE, DeliverSettings, Delivery, deliver
         from .errors import ConfigError
 
         try:
-            config = load_config(args.config, args)
-            settings = DeliverSettings.from_config(config, args)
+            config = load_cli_config(args)
+            flags = {key: getattr(args, key, None) for key in OVERRIDABLE}
+            settings = DeliverSettings.from_config(config, flags)
         except ConfigError as exc:
             _report(f"4.3.5 torroute deliver: configuration error: {exc}")
             return TEMPFAIL
@@ -126,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         import warnings
 
         warnings.simplefilter("ignore")  # stderr is merged into the status line Postfix reads
-        from .config import add_common_arguments
-
-        common = argparse.ArgumentParser(add_help=False)
-        add_common_arguments(common)
-        parser = argparse.ArgumentParser(prog="torroute deliver", parents=[common],
+        parser = argparse.ArgumentParser(prog="torroute deliver", parents=parents(),
                                          description=DESCRIPTION)
         add_arguments(parser)
         _defer_on_usage_error(parser)

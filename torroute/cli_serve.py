@@ -6,14 +6,23 @@ Imports only the standard library at module level; the daemon is imported inside
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from .cli_options import global_options, routing_options, tor_options
 
 ENDPOINT = "inet:HOST:PORT|unix:PATH"
 
 
-def register(subparsers, common) -> None:
+#: serve flag dest -> ServeSettings override (listener kinds: lists of endpoints)
+SERVE_FLAGS: tuple[str, ...] = ("socketmap", "tcp_table", "exim", "lmtp", "allow_remote",
+                                "transport", "socket_group", "postfix_answer", "socket_mode")
+
+
+def register(subparsers) -> None:
+    """global+routing+tor, and the daemon's own listener/answer flags."""
     p = subparsers.add_parser(
         "serve",
-        parents=common,
+        parents=[global_options(), routing_options(), tor_options()],
         help="run the lookup daemon (Postfix socketmap/tcp_table, Exim readsocket, LMTP relay)",
         description="Answer route lookups from Postfix (socketmap_table(5), tcp_table(5)) and "
         "Exim (${readsocket}, torroute's line protocol) in one process, and relay what Postfix's "
@@ -22,27 +31,35 @@ def register(subparsers, common) -> None:
         "SIGTERM drains and exits.  Listeners given here replace the [serve] listeners of the "
         "same kind; a missing socket directory named 'torroute' (/run/torroute) is created.",
     )
-    p.add_argument("--socketmap", action="append", metavar=ENDPOINT,
+    g = p.add_argument_group("serve options")
+    g.add_argument("--socketmap", action="append", metavar=ENDPOINT,
                    help="Postfix socketmap listener (repeatable)")
-    p.add_argument("--tcp-table", dest="tcp_table", action="append", metavar=ENDPOINT,
+    g.add_argument("--tcp-table", dest="tcp_table", action="append", metavar=ENDPOINT,
                    help="Postfix tcp_table listener (repeatable)")
-    p.add_argument("--exim", action="append", metavar=ENDPOINT,
+    g.add_argument("--exim", action="append", metavar=ENDPOINT,
                    help="Exim readsocket line-protocol listener (repeatable)")
-    p.add_argument("--lmtp", action="append", metavar=ENDPOINT,
+    g.add_argument("--lmtp", action="append", metavar=ENDPOINT,
                    help="LMTP relay listener for Postfix's lmtp client (repeatable): onion "
                    "routes are then answered '<lmtp_transport>:<first listener>' and the daemon "
                    "relays each message to the onion MX through tor (see docs/postfix.rst)")
-    p.add_argument("--allow-remote", action="store_true", default=None,
+    g.add_argument("--allow-remote", action="store_true", default=None,
                    help="allow inet listeners on non-loopback addresses (lookups are "
                    "unauthenticated)")
-    p.add_argument("--transport", metavar="NAME",
+    g.add_argument("--transport", metavar="NAME",
                    help="Postfix transport name in answers (default torroute)")
-    p.add_argument("--postfix-answer", metavar="TEMPLATE",
+    g.add_argument("--postfix-answer", metavar="TEMPLATE",
                    help="Postfix answer: 'torroute' ({transport}:[{onion}]:{port}, default), "
                    "'onionmx' (smtptor:[{onion}]) or a template")
-    p.add_argument("--socket-mode", metavar="OCTAL", help="unix socket mode (default 0660)")
-    p.add_argument("--socket-group", metavar="GROUP", help="unix socket group")
+    g.add_argument("--socket-mode", metavar="OCTAL", help="unix socket mode (default 0660)")
+    g.add_argument("--socket-group", metavar="GROUP", help="unix socket group")
     p.set_defaults(run=run)
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The serve flags given, as ServeSettings.from_config overrides (a flag left out keeps
+    the [serve] value; as before, an empty value counts as not given): the daemon re-applies
+    the same dict on SIGHUP."""
+    return {name: value for name in SERVE_FLAGS if (value := getattr(args, name, None))}
 
 
 def run(args: argparse.Namespace, config) -> int:
@@ -50,7 +67,7 @@ def run(args: argparse.Namespace, config) -> int:
     import sys
 
     from . import exitcodes
-    from .config import load_config
+    from .cli_options import load_cli_config
     from .server import (
         LookupDaemon,
         ServeSettings,
@@ -59,7 +76,8 @@ def run(args: argparse.Namespace, config) -> int:
         serve,
     )
 
-    settings = ServeSettings.from_config(config, args)
+    overrides = serve_overrides(args)
+    settings = ServeSettings.from_config(config, overrides=overrides)
     if not any(settings.listeners.values()):
         print("torroute serve: no listeners: give --socketmap, --tcp-table, --exim or "
               "--lmtp (or [serve] socketmap/tcp_table/exim/lmtp in the configuration)",
@@ -70,9 +88,9 @@ def run(args: argparse.Namespace, config) -> int:
     handler = install_fast_logging()
 
     def reload_config():
-        return load_config(args.config, args)
+        return load_cli_config(args)  # the same --config and flags as at start
 
-    daemon = LookupDaemon(config, settings, reload_config=reload_config, args=args)
+    daemon = LookupDaemon(config, settings, reload_config=reload_config, overrides=overrides)
     daemon.write_line = decision_line_writer(handler)
     try:
         serve(daemon, settings.event_loop)

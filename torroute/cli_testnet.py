@@ -22,9 +22,10 @@ def default_dir() -> str:
         tempfile.gettempdir(), f"torroute-testnet-{os.getuid()}")
 
 
-def register(subparsers, common) -> None:
+def register(subparsers) -> None:
+    """Only its own options: it reads no configuration and talks to no configured tor."""
     p = subparsers.add_parser(
-        "testnet", parents=common, help="a private Tor network on 127.0.0.1 (for tests)",
+        "testnet", help="a private Tor network on 127.0.0.1 (for tests)",
         description="Boot, inspect or stop a private, loopback-only Tor network with one onion "
         "service. For testing MTA setups: it is not anonymous and is not the Tor network.")
     actions = p.add_subparsers(dest="testnet_action", metavar="ACTION")

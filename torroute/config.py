@@ -6,10 +6,10 @@ torrc has no DNSPort; torroute expects ``DNSPort 127.0.0.1:9053`` (``torroute to
 
 from __future__ import annotations
 
-import argparse
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +195,7 @@ OVERRIDE_KEYS: frozenset[str] = frozenset(_TOML_KEYS.values())
 OTHER_TABLES: tuple[str, ...] = ("deliver", "serve")
 
 
-def load_config(path: Path | str | None = None, _args: argparse.Namespace | None = None,
-                **overrides: Any) -> Config:
+def load_config(path: Path | str | None = None, **overrides: Any) -> Config:
     """Read the TOML file and apply overrides: the library's one way to get a :class:`Config`.
 
     ``path`` None means ``TORROUTE_CONFIG`` (which must exist), else
@@ -204,8 +203,8 @@ def load_config(path: Path | str | None = None, _args: argparse.Namespace | None
     settings by their :class:`Config` name (``maps=[...]``, ``nameservers=["127.0.0.1:53"]``,
     ``tor_socks="127.0.0.1:9050"``), checked with the file's coercion, or a whole other table
     by name (``deliver={"time_limit": 60}``); they replace the file's values.  Unknown names
-    and bad values raise :class:`~torroute.errors.ConfigError`.  (``_args``: the CLI's argparse
-    flags, applied last; library code never needs it.)
+    and bad values raise :class:`~torroute.errors.ConfigError`.  (The CLI applies its flags
+    with :func:`apply_overrides` afterwards: torroute.cli_options.)
     """
     explicit = path is not None
     if path is None:
@@ -240,17 +239,21 @@ def load_config(path: Path | str | None = None, _args: argparse.Namespace | None
         config.maps = [config.path.parent / p for p in config.maps]
     if overrides:
         apply_overrides(config, overrides)
-    if _args is not None:
-        apply_args(config, _args)
     return config
 
 
-def apply_overrides(config: Config, overrides: dict[str, Any]) -> None:
+def _keyword_label(name: str) -> str:
+    return f"load_config({name}=...)"
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any],
+                    where: Callable[[str], str] = _keyword_label) -> None:
     """``load_config``'s keywords: a setting by its Config name (map paths stay as given:
-    relative to the working directory, like the CLI's ``--map``), or another table whole."""
+    relative to the working directory, like the CLI's ``--map``), or another table whole.
+    ``where`` names a setting in error messages (the CLI: its flag)."""
     for name, value in overrides.items():
         if name in OVERRIDE_KEYS:
-            setattr(config, name, _coerce(name, value, f"load_config({name}=...)"))
+            setattr(config, name, _coerce(name, value, where(name)))
         elif name in OTHER_TABLES and isinstance(value, dict):
             # a table other modules read and check through Config.section
             config.raw = {**config.raw, name: dict(value)}
@@ -258,39 +261,3 @@ def apply_overrides(config: Config, overrides: dict[str, Any]) -> None:
             raise ConfigError(f"load_config: unknown setting {name!r} (expected one of "
                               f"{', '.join(sorted(OVERRIDE_KEYS))}, or a table: "
                               f"{', '.join(f'{t}={{...}}' for t in OTHER_TABLES)})")
-
-
-def apply_args(config: Config, args: argparse.Namespace) -> None:
-    """Command-line flags replace the file's values (lists are replaced, not merged)."""
-    names = {f.name for f in fields(Config)}
-    for attr in names:
-        value = getattr(args, attr, None)
-        if value is None or value == []:
-            continue
-        if attr in ("require_dnssec", "isolate_streams") and value is False:
-            continue
-        setattr(config, attr, _coerce(attr, value, f"--{attr.replace('_', '-')}"))
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The routing and tor flags every subcommand shares (mirrors the TOML keys)."""
-    parser.add_argument(
-        "--config", metavar="FILE", default=os.environ.get("TORROUTE_CONFIG"),
-        help=f"TOML configuration (default {DEFAULT_CONFIG_PATH}, if present)",
-    )
-    parser.add_argument("--map", dest="maps", action="append", metavar="FILE",
-                        help="pinned map: onionmx map.yml, a directory of them, or a text map")
-    parser.add_argument("--nameserver", dest="nameservers", action="append",
-                        metavar="HOST:PORT", help="DNS server for SRV lookups (repeatable)")
-    parser.add_argument("--local-domain", dest="local_domains", action="append", metavar="D",
-                        help="a domain delivered locally: never routed over Tor (repeatable)")
-    parser.add_argument("--ignore-domain", dest="ignore_domains", action="append", metavar="D",
-                        help="a domain never routed over Tor (repeatable)")
-    parser.add_argument("--require-dnssec", action="store_true", default=None,
-                        help="accept SRV answers only with the AD bit from the resolver")
-    parser.add_argument("--dns-timeout", type=float, metavar="SECONDS")
-    parser.add_argument("--tor-socks", metavar="HOST:PORT", help="tor SocksPort (default 9050)")
-    parser.add_argument("--tor-dns", metavar="HOST:PORT", help="tor DNSPort (default 9053)")
-    parser.add_argument("--tor-control", metavar="unix:PATH|inet:HOST:PORT",
-                        help="tor control port (default unix:/run/tor/control)")
-    parser.add_argument("-v", "--verbose", action="count", default=0)

@@ -45,6 +45,10 @@ Target = tuple[str, int]  # (onion, port)
 # ---- settings ([deliver] in the configuration, then command-line flags)
 
 STARTTLS_MODES = ("no", "opportunistic", "required")
+#: the settings DeliverSettings.from_config's overrides may set (the CLI's flags), by [deliver] key
+OVERRIDABLE = ("ehlo_name", "starttls", "connect_timeout", "command_timeout", "data_timeout",
+               "time_limit", "isolate", "tls_verify", "tls_ca_file", "pipelining",
+               "require_onion")
 
 
 class DeliverSettings:
@@ -72,8 +76,9 @@ class DeliverSettings:
             setattr(self, key, value)
 
     @classmethod
-    def from_config(cls, config, args=None) -> DeliverSettings:
-        """Read ``[deliver]``; flags in ``args`` (when not None) win."""
+    def from_config(cls, config, overrides: dict | None = None) -> DeliverSettings:
+        """Read ``[deliver]``; ``overrides`` (``{key: value}``, a None value = not given) win:
+        the CLI passes its flags so, the library never sees argparse."""
         from .errors import ConfigError
 
         table = dict(config.section("deliver"))
@@ -96,13 +101,11 @@ class DeliverSettings:
             if kind is str and not isinstance(value, str):
                 raise ConfigError(f"deliver.{key}: expected a string")
             setattr(settings, key, kind(value))
-        if args is not None:
-            for key in ("ehlo_name", "starttls", "connect_timeout", "command_timeout",
-                        "data_timeout", "time_limit", "isolate", "tls_verify", "tls_ca_file",
-                        "pipelining", "require_onion"):
-                value = getattr(args, key, None)
-                if value is not None:
-                    setattr(settings, key, value)
+        for key, value in (overrides or {}).items():
+            if key not in OVERRIDABLE:
+                raise ConfigError(f"unknown deliver override {key}")
+            if value is not None:
+                setattr(settings, key, value)
         if settings.starttls not in STARTTLS_MODES:
             raise ConfigError(f"deliver.starttls: expected one of {', '.join(STARTTLS_MODES)}")
         if settings.tls_ca_file is not None and not os.access(settings.tls_ca_file, os.R_OK):

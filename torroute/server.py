@@ -23,7 +23,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,7 +132,17 @@ class ServeSettings:
     lmtp_session_idle_timeout: float = 10.0
 
     @classmethod
-    def from_config(cls, config: Config, args: Any = None) -> ServeSettings:
+    def from_config(cls, config: Config, overrides: Mapping[str, Any] | None = None
+                    ) -> ServeSettings:
+        """Read ``[serve]``; ``overrides`` (the CLI's flags: listener kinds as lists of
+        endpoint strings, ``allow_remote``, ``transport``, ``socket_group``, ``postfix_answer``,
+        ``socket_mode`` as an octal string) win, a listener kind replacing the file's; an
+        empty or false value counts as not given."""
+        flags = dict(overrides or {})
+        unknown_flags = set(flags) - {*KINDS, "allow_remote", "transport", "socket_group",
+                                      "postfix_answer", "socket_mode"}
+        if unknown_flags:
+            raise ConfigError(f"unknown serve override(s) {', '.join(sorted(unknown_flags))}")
         table = dict(config.section("serve"))
         where = f"{config.path or 'config'}: serve"
         known = {
@@ -148,7 +158,7 @@ class ServeSettings:
         for kind in KINDS:
             value = table.get(kind, [])
             value = [value] if isinstance(value, str) else value
-            flag = getattr(args, kind, None) if args is not None else None
+            flag = flags.get(kind)
             if flag:  # command-line listeners of a kind replace the file's
                 value = flag
             listeners[kind] = tuple(Endpoint.parse(v) for v in value)
@@ -176,24 +186,23 @@ class ServeSettings:
             )
         except (TypeError, ValueError, ProtocolError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        overrides: dict[str, Any] = {}
-        if args is not None:
-            if getattr(args, "allow_remote", None):
-                overrides["allow_remote"] = True
-            for name in ("transport", "socket_group"):
-                if getattr(args, name, None):
-                    overrides[name] = getattr(args, name)
-            if getattr(args, "postfix_answer", None):
-                try:
-                    overrides["postfix_answer"] = check_template(args.postfix_answer)
-                except ProtocolError as exc:
-                    raise ConfigError(f"--postfix-answer: {exc}") from None
-            if getattr(args, "socket_mode", None):
-                try:
-                    overrides["socket_mode"] = int(args.socket_mode, 8)
-                except ValueError:
-                    raise ConfigError(f"--socket-mode {args.socket_mode!r}: not octal") from None
-        settings = replace(settings, **overrides)
+        changes: dict[str, Any] = {}
+        if flags.get("allow_remote"):  # a flag can only allow; false/None: the file decides
+            changes["allow_remote"] = True
+        for name in ("transport", "socket_group"):
+            if flags.get(name):
+                changes[name] = flags[name]
+        if flags.get("postfix_answer"):
+            try:
+                changes["postfix_answer"] = check_template(flags["postfix_answer"])
+            except ProtocolError as exc:
+                raise ConfigError(f"--postfix-answer: {exc}") from None
+        if flags.get("socket_mode"):
+            try:
+                changes["socket_mode"] = int(flags["socket_mode"], 8)
+            except ValueError:
+                raise ConfigError(f"--socket-mode {flags['socket_mode']!r}: not octal") from None
+        settings = replace(settings, **changes)
         settings.check()
         return settings
 
@@ -807,12 +816,14 @@ class LookupDaemon:
         settings: ServeSettings | None = None,
         router: Router | None = None,
         reload_config: Callable[[], Config] | None = None,
-        args: Any = None,
+        overrides: Mapping[str, Any] | None = None,
     ) -> None:
+        """``overrides``: what ServeSettings.from_config got at start (the command line's
+        listeners and answers); reload re-applies them, so SIGHUP keeps the flags winning."""
         self.settings = settings or ServeSettings.from_config(config)
         self.router = router or Router.from_config(config)
         self.reload_config = reload_config
-        self.args = args
+        self.overrides = dict(overrides or {})
         self._inodes: dict[str, int] = {}
         # domain -> static decision, or (_NEEDS_DNS, normalized name); pure function of the
         # configuration and maps, so it is cleared on reload
@@ -990,7 +1001,7 @@ class LookupDaemon:
             return False
         try:
             config = self.reload_config()
-            settings = ServeSettings.from_config(config, self.args)
+            settings = ServeSettings.from_config(config, self.overrides)
             deliver = self.lmtp.check(config) if self.lmtp is not None else None
             self.router.reload(config)  # last: it swaps only once the maps loaded
         except Exception as exc:
