@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .config import normalize_domain
 from .errors import InvalidOnion, MapError
-from .onion import V2_LABEL_LEN, parse_onion
+from .onion import is_v2_onion, parse_onion
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class PinMap:
                 port = int(port_text)
             onion = parse_onion(host).host
         except InvalidOnion as exc:
-            if _is_v2(host) and self.v2_pins == "unpinned":
+            if is_v2_onion(host) and self.v2_pins == "unpinned":
                 self.v2.append(MapProblem(source, f"{domain}: v2 onion {host[:80]}"))
                 return  # as if the line were not there
             self._set_invalid(InvalidPin(domain, source, str(exc)))
@@ -179,11 +179,6 @@ class PinMap:
         level = logging.WARNING if self.invalid or len(self.problems) > MAX_LOGGED_PROBLEMS \
             else logging.INFO
         log.log(level, "%s", self.summary())
-
-
-def _is_v2(host: str) -> bool:
-    label = host.strip().rstrip(".").lower().removesuffix(".onion").rsplit(".", 1)[-1]
-    return host.strip().rstrip(".").lower().endswith(".onion") and len(label) == V2_LABEL_LEN
 
 
 def load_maps(paths: Iterable[Path | str], default_port: int = 25,

@@ -84,6 +84,16 @@ def is_onion_name(name: str) -> bool:
     return name.rstrip(".").lower().endswith(".onion")
 
 
+def _is_v2_label(service: str) -> bool:
+    return len(service) == V2_LABEL_LEN and set(service) <= _B32_ALPHABET
+
+
+def is_v2_onion(name: str) -> bool:
+    """A v2 onion address (16 base32 characters): a dead service, not a typo."""
+    host = name.strip().rstrip(".").lower()
+    return host.endswith(".onion") and _is_v2_label(host.split(".")[-2] if "." in host else "")
+
+
 def parse_onion(name: str) -> OnionAddress:
     """Validate ``name`` as a v3 onion; subdomains reduce to the service.
 
@@ -102,7 +112,7 @@ def parse_onion(name: str) -> OnionAddress:
     service = labels[-2] if len(labels) >= 2 else ""
     if any(label == "" for label in labels):
         raise InvalidOnion(f"{shown!r} has an empty label")
-    if len(service) == V2_LABEL_LEN and set(service) <= _B32_ALPHABET:
+    if _is_v2_label(service):
         raise InvalidOnion(
             f"{shown!r} is a v2 onion address: v2 onion services are dead since 2021 "
             "(tor 0.4.6 removed them); ask the domain for its v3 address"

@@ -338,8 +338,7 @@ class Router:
             try:
                 # connected, as in _lookup_sync (asyncio's backend would not connect it)
                 backend = dns.asyncbackend.get_default_backend()
-                af = socket.AF_INET6 if ":" in host else socket.AF_INET
-                async with await backend.make_socket(af, socket.SOCK_DGRAM, 0, None,
+                async with await backend.make_socket(_family(host), socket.SOCK_DGRAM, 0, None,
                                                      (host, port)) as sock:
                     response = await dns.asyncquery.udp(query, host, port=port, sock=sock,
                                                         timeout=self.config.dns_timeout,
@@ -358,9 +357,13 @@ class Router:
         return TempFail(domain, failure), 0.0
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _connected_udp(host: str, port: int) -> socket.socket:
     """A non-blocking UDP socket connected to a nameserver (dnspython wants it non-blocking)."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock = socket.socket(_family(host), socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.connect((host, port))
