@@ -10,8 +10,8 @@ time of each variant (``python -X importtime``, everything imported after interp
 
 Variants:
   torroute deliver        /opt/torroute/bin/torroute deliver ...  (cli.main as it is)
-  fast path               python -m torroute.cli_deliver ...      (what cli.main does if it
-                          hands argv[0] == "deliver" straight to cli_deliver.main)
+  fast path               python -m torroute.cli.deliver ...      (what cli.main does if it
+                          hands argv[0] == "deliver" straight to torroute.cli.deliver.main)
   floor                   hand SOCKS5 + smtplib
 """
 
@@ -134,7 +134,7 @@ def main() -> None:
               f"--nexthop=[{ONION}]:25", "--", "b@example.test"]
     variants = {
         "torroute deliver": [TORROUTE, "deliver", *common],
-        "fast path": [PYTHON, "-m", "torroute.cli_deliver", *common],
+        "fast path": [PYTHON, "-m", "torroute.cli.deliver", *common],
         "floor": [PYTHON, str(floor), str(socks.port), ONION, "25", "a@origin.test",
                   "b@example.test"],
         "python -c pass": [PYTHON, "-c", "pass"],

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from fixtures_postfix import PostfixInstance, SmtpSink  # noqa: E402
 from realparts import Dnsmasq  # noqa: E402
 
-from torroute.testnet import PrivateNetwork  # noqa: E402
+from torroute.testing.testnet import PrivateNetwork  # noqa: E402
 
 DOMAIN = "bench.test"
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
@@ -161,8 +161,8 @@ def relay_prototype(socket_path: str, socks: str, routes: list[str]) -> None:
     from aiosmtpd.controller import UnixSocketController
     from aiosmtpd.lmtp import LMTP
 
-    from torroute.smtp import Close, Options, Send, SmtpClient
-    from torroute.socks import adial
+    from torroute.protocols.smtp import Close, Options, Send, SmtpClient
+    from torroute.tor.socks import adial
 
     proxy = (socks.rsplit(":", 1)[0], int(socks.rsplit(":", 1)[1]))
     table = {d: o for d, o in (r.split("=", 1) for r in routes)}
@@ -279,7 +279,7 @@ def main() -> None:
                     deliver_config=conf.read_text()),
             Variant("torroute (fast path)", f"socketmap:unix:{sock}:transport",
                     deliver_config=conf.read_text(),
-                    deliver_command="/opt/torroute/bin/python3 -m torroute.cli_deliver"),
+                    deliver_command="/opt/torroute/bin/python3 -m torroute.cli.deliver"),
             Variant("torroute lmtp", f"socketmap:unix:{sock_lmtp}:transport", lmtp_service),
             Variant("relay prototype (lmtp)", f"inline:{{{DOMAIN}=lmtp:unix:{relay_sock}}}"),
             Variant("torsocks (published)", smtptor,

@@ -1,4 +1,4 @@
-"""SOCKS5 dial through a loopback SOCKS server: torroute's codec + drivers (torroute.tordial)
+"""SOCKS5 dial through a loopback SOCKS server: torroute's codec + drivers (torroute.tor.dial)
 against python-socks, per dial (client CPU, process_time) and at import (fresh process).
 
 The server (tests/fixtures_postfix.FakeSocksServer, in a child process so its threads do not
@@ -36,11 +36,12 @@ def server(code: int) -> tuple[subprocess.Popen, tuple[str, int]]:
 
 
 def ours_sync(proxy: tuple[str, int]) -> None:
-    from torroute import tordial
+    from torroute.errors import SocksError
+    from torroute.tor import dial as tordial
 
     try:
         tordial.connect(ONION, 25, proxy, 10).close()
-    except tordial.SocksFailure:
+    except SocksError:
         pass
 
 
@@ -52,18 +53,19 @@ def pysocks_sync(proxy: tuple[str, int]) -> None:
         Proxy(ProxyType.SOCKS5, proxy[0], proxy[1], rdns=True).connect(ONION, 25, timeout=10)\
             .close()
     except ProxyError as exc:
-        from torroute.socks import reply_code
+        from torroute.tor.socks import reply_code
 
         reply_code(exc)
 
 
 async def ours_async(proxy: tuple[str, int]) -> None:
-    from torroute import tordial
+    from torroute.errors import SocksError
+    from torroute.tor import dial as tordial
 
     try:
         _, writer = await tordial.open_connection(ONION, 25, proxy, 10)
         writer.close()
-    except tordial.SocksFailure:
+    except SocksError:
         pass
 
 
@@ -77,7 +79,7 @@ async def pysocks_async(proxy: tuple[str, int]) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)  # what adial returned
         writer.close()
     except ProxyError as exc:
-        from torroute.socks import reply_code
+        from torroute.tor.socks import reply_code
 
         reply_code(exc)
 
@@ -114,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dials", type=int, default=2000)
     args = parser.parse_args()
-    for module in ("torroute.tordial", "python_socks.sync", "python_socks.async_.asyncio",
+    for module in ("torroute.tor.dial", "python_socks.sync", "python_socks.async_.asyncio",
                    "asyncio"):
         print(f"import {module:30} {import_ms(module):6.1f} ms")
     for code in (0x00, 0xF0):

@@ -1,4 +1,4 @@
-"""Fixtures for torroute.control: real loopback-only tors with chosen control/auth settings, a
+"""Fixtures for torroute.tor.control: real loopback-only tors with chosen control/auth settings, a
 hashed control password from ``tor --hash-password``, and a real Postfix smtpd for the
 open-relay probe."""
 

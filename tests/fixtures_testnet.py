@@ -1,4 +1,5 @@
-"""The private Tor network (torroute.testnet), booted once per session, with SMTP sinks behind it.
+"""The private Tor network (torroute.testing.testnet), booted once per session, with SMTP
+sinks behind it.
 
 Fixtures:
   ``testnet``              session: a running network; ``.onion`` port 25 reaches ``.sink``.
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from torroute.sink import MaildirSink
-from torroute.testnet import PrivateNetwork
+from torroute.testing.sink import MaildirSink
+from torroute.testing.testnet import PrivateNetwork
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from torroute.ed25519 import public_key_from_seed_scalar
-from torroute.onion import onion_from_pubkey
+from torroute.routing.ed25519 import public_key_from_seed_scalar
+from torroute.routing.onion import onion_from_pubkey
 
 # A published, real v3 address (torproject.org's own onion service), for a key made elsewhere.
 TORPROJECT = "2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion"

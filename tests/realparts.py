@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torroute.testnet import check_torrc
+from torroute.testing.testnet import check_torrc
 
 TOR = shutil.which("tor") or "/usr/sbin/tor"
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"

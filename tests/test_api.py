@@ -22,7 +22,7 @@ from onions import ONION_A
 from realparts import SrvRecord, free_port
 
 import torroute
-from torroute.sink import Received
+from torroute.testing.sink import Received
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ PUBLIC = {
     "OnionAddress", "dial", "open_connection", "resolve_automap", "SMTP", "SendResult",
     "send_message", "TorrouteError", "TemporaryError", "PermanentError", "InvalidOnion",
     "ConfigError", "MapError", "DNSTemporaryError", "TorUnavailable", "AutomapError",
-    "SocksError", "TemporarySocksError", "PermanentSocksError",
+    "SocksError", "TemporarySocksError", "PermanentSocksError", "ProtocolError", "TlsRefused",
 }
 
 
@@ -41,7 +41,7 @@ def test_all_is_exactly_the_public_names_and_each_resolves() -> None:
         assert getattr(torroute, name) is not None
     assert issubclass(torroute.InvalidOnion, torroute.PermanentError)
     assert issubclass(torroute.TorUnavailable, torroute.TemporaryError)
-    assert torroute.Route is __import__("torroute.routing").routing.Route
+    assert torroute.Route is __import__("torroute.routing.router").routing.Route
     with pytest.raises(AttributeError):
         torroute.deliver_settings  # noqa: B018 - not public
     assert set(torroute.__all__) <= set(dir(torroute))
@@ -50,7 +50,8 @@ def test_all_is_exactly_the_public_names_and_each_resolves() -> None:
 def test_import_is_lazy() -> None:
     """``torroute deliver`` imports the package per message: no dnspython, asyncio, smtplib."""
     code = ("import sys, torroute; heavy = [m for m in ('dns', 'asyncio', 'smtplib', "
-            "'torroute.routing', 'torroute.client') if m in sys.modules]; print(heavy)")
+            "'torroute.routing.router', 'torroute.delivery.client') if m in sys.modules]; "
+            "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, check=True).stdout
     assert out.strip() == "[]"
@@ -90,7 +91,7 @@ def test_load_config_default_path_honours_torroute_config(tmp_path: Path, monkey
         torroute.load_config()  # named explicitly: a missing file is an error, not defaults
     # the CLI's call keeps working: flags (an argparse Namespace, turned into overrides by the
     # CLI layer) win over the file
-    from torroute.cli_options import load_cli_config
+    from torroute.cli.options import load_cli_config
 
     args = argparse.Namespace(config=str(cfg), tor_socks="127.0.0.1:9222", maps=None)
     assert load_cli_config(args).tor_socks == ("127.0.0.1", 9222)

@@ -12,7 +12,8 @@ import pytest
 from onions import ONION_A, ONION_B
 from realparts import SrvRecord, free_port
 
-from torroute.config import Config, ConfigError, load_config, parse_hostport
+from torroute.config import Config, ConfigError, load_config
+from torroute.endpoint import parse_hostport
 
 TORROUTE = [sys.executable, "-m", "torroute.cli"]
 
@@ -132,7 +133,7 @@ def test_parse_hostport_rejects(bad: str) -> None:
 
 def test_shipped_example_configs_load() -> None:
     """contrib/torroute.toml and the plugin's toml are valid for every section they set."""
-    from torroute.server import ServeSettings
+    from torroute.daemon.server import ServeSettings
 
     repo = Path(__file__).resolve().parent.parent
     for path in (repo / "contrib/torroute.toml", repo / "plugins/postfix_pipe/torroute.toml"):

@@ -117,8 +117,8 @@ def test_flags_still_win_over_the_file(tmp_path: Path) -> None:
 
 
 def test_library_modules_do_not_import_argparse() -> None:
-    code = ("import sys; import torroute.config, torroute.server, torroute.deliver, "
-            "torroute.routing; print('argparse' in sys.modules)")
+    code = ("import sys; import torroute.config, torroute.daemon.server, torroute.delivery.pipe, "
+            "torroute.routing.router; print('argparse' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
@@ -128,8 +128,8 @@ def test_library_modules_do_not_import_argparse() -> None:
 def test_library_signatures_take_plain_overrides() -> None:
     """No Namespace in the library: plain dicts for the settings, plain kwargs for config."""
     from torroute.config import Config
-    from torroute.deliver import DeliverSettings
-    from torroute.server import ServeSettings
+    from torroute.daemon.server import ServeSettings
+    from torroute.delivery.pipe import DeliverSettings
 
     s = ServeSettings.from_config(Config(), {"socketmap": ["inet:127.0.0.1:1"],
                                              "transport": "tr"})

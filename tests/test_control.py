@@ -1,4 +1,5 @@
-"""torroute.control and torroute.torrc: the pure parts (parsing, planning, keys, SMTP probe)."""
+"""torroute.tor.control and torroute.tor.torrc: the pure parts (parsing, planning, keys, SMTP
+probe)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from torroute.config import Config
-from torroute.control import (
+from torroute.errors import ConfigError
+from torroute.routing.onion import parse_onion
+from torroute.tor.control import (
     AddressMapping,
     ControlEndpoint,
     HsBlock,
@@ -45,9 +48,7 @@ from torroute.control import (
     unquote,
     write_key_file,
 )
-from torroute.errors import ConfigError
-from torroute.onion import parse_onion
-from torroute.torrc import (
+from torroute.tor.torrc import (
     PortMapping,
     client_lines,
     onion_service_lines,

@@ -13,7 +13,7 @@ import pytest
 from onions import ONION_A
 from realparts import free_port, shared_tmpdir
 
-from torroute.automap import resolve_automap
+from torroute.tor.automap import resolve_automap
 
 TORROUTE = [sys.executable, "-m", "torroute.cli"]
 REPO = Path(__file__).resolve().parent.parent

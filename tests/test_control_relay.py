@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from realparts import free_port
 
-from torroute.control import OpenRelayRisk, Tor, probe_relay, relay_check
-from torroute.torrc import PortMapping
+from torroute.tor.control import OpenRelayRisk, Tor, probe_relay, relay_check
+from torroute.tor.torrc import PortMapping
 
 pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")
 

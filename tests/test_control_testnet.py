@@ -1,5 +1,5 @@
-"""torroute.control on the private Tor network: the descriptor upload wait succeeds, the onion is
-reachable, and the client tor maps its automap address back to it."""
+"""torroute.tor.control on the private Tor network: the descriptor upload wait succeeds, the
+onion is reachable, and the client tor maps its automap address back to it."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from torroute.automap import resolve_automap
-from torroute.control import OpenRelayRisk, Tor, key_file_address
 from torroute.errors import TemporaryError
-from torroute.sink import MaildirSink
-from torroute.socks import dial
+from torroute.testing.sink import MaildirSink
+from torroute.tor.automap import resolve_automap
+from torroute.tor.control import OpenRelayRisk, Tor, key_file_address
+from torroute.tor.socks import dial
 
 pytestmark = [pytest.mark.testnet,
               pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")]

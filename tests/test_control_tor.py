@@ -1,4 +1,5 @@
-"""torroute.control against real tor processes (loopback only, bridge mode: never bootstraps)."""
+"""torroute.tor.control against real tor processes (loopback only, bridge mode: never
+bootstraps)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 from onions import ONION_A
 from realparts import free_port
 
-from torroute.automap import resolve_automap
 from torroute.config import Config
-from torroute.control import (
+from torroute.errors import TorUnavailable
+from torroute.tor.automap import resolve_automap
+from torroute.tor.control import (
     ControlAuthError,
     ControlError,
     DescriptorTimeout,
@@ -23,8 +25,7 @@ from torroute.control import (
     TorRefused,
     key_file_address,
 )
-from torroute.errors import TorUnavailable
-from torroute.torrc import PortMapping
+from torroute.tor.torrc import PortMapping
 
 # stem 1.8 calls Thread.setDaemon (deprecated in Python 3.10): not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")

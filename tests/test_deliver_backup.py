@@ -20,7 +20,7 @@ from realparts import SrvRecord
 from test_deliver_cli import CLEAN_ENV, MESSAGE, TORROUTE, status
 from test_deliver_postfix import message, postfix_factory
 
-from torroute.deliver import next_targets
+from torroute.delivery.pipe import next_targets
 
 pytestmark = [pytest.mark.testnet]
 __all__ = ["postfix_factory"]  # the worktree pipe for Postfix, shared with the pipe tests

@@ -259,8 +259,8 @@ def test_tor_extended_0xf6_from_fake_bounces(fake_socks_factory) -> None:
 def _bad_key_onion() -> str:
     """A v3 address with a right checksum and version whose key is no ed25519 point of the
     prime-order group: only the key check catches it (tor: 0xF6; plain SocksPort: 0x01)."""
-    from torroute.ed25519 import is_valid_pubkey
-    from torroute.onion import onion_from_pubkey
+    from torroute.routing.ed25519 import is_valid_pubkey
+    from torroute.routing.onion import onion_from_pubkey
 
     key = next(k for k in (bytes([n]) * 32 for n in range(256)) if not is_valid_pubkey(k))
     return onion_from_pubkey(key)
@@ -313,12 +313,12 @@ def test_valid_onion_with_subdomain_is_delivered(relay, smtp_sink) -> None:
 
 
 def test_success_path_imports_no_routing_dns_or_ssl(relay, smtp_sink) -> None:
-    """The backup-target code (torroute.routing, dnspython) loads only after a failure; a
+    """The backup-target code (torroute.routing.router, dnspython) loads only after a failure; a
     delivery that works starts as cheaply as before (bench/deliver_coldstart.py)."""
-    probe = ("import sys\nfrom torroute.cli_deliver import main\nrc = main(sys.argv[1:])\n"
+    probe = ("import sys\nfrom torroute.cli.deliver import main\nrc = main(sys.argv[1:])\n"
              "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('dns', 'ssl', "
-             "'smtplib', 'email', 'python_socks') or m in ('torroute.routing', "
-             "'torroute.socks', 'torroute.maps'))\nprint('RESULT', rc, heavy)\n")
+             "'smtplib', 'email', 'python_socks') or m in ('torroute.routing.router', "
+             "'torroute.tor.socks', 'torroute.routing.maps'))\nprint('RESULT', rc, heavy)\n")
     r = subprocess.run([str(VENV_TORROUTE.parent / "python3"), "-c", probe, *via(relay.address)],
                        input=MESSAGE, capture_output=True, cwd="/", timeout=60,
                        env={**CLEAN_ENV, "PYTHONPATH": str(REPO)})
@@ -425,9 +425,9 @@ def test_require_onion_flags(relay, smtp_sink, postfix_dir: Path) -> None:
 
 def test_every_deliver_setting_has_a_flag() -> None:
     """The README's promise, checked: each [deliver] key is reachable from the command line."""
-    from torroute.cli_deliver import add_arguments
+    from torroute.cli.deliver import add_arguments
     from torroute.config import Config
-    from torroute.deliver import DeliverSettings
+    from torroute.delivery.pipe import DeliverSettings
 
     parser = __import__("argparse").ArgumentParser()
     add_arguments(parser)
@@ -470,7 +470,7 @@ def test_usage_errors_defer(args: list[str], entry: str) -> None:
     if entry == "torroute":
         r = deliver(*args)
     else:
-        r = subprocess.run([sys.executable, "-m", "torroute.cli_deliver", *args], input=b"",
+        r = subprocess.run([sys.executable, "-m", "torroute.cli.deliver", *args], input=b"",
                            capture_output=True, env=CLEAN_ENV, cwd="/", timeout=30)
     assert status(r) == (75, "4.3.5"), r
 
@@ -493,13 +493,13 @@ def test_missing_config_file_defers(postfix_dir: Path) -> None:
 
 
 def test_internal_error_defers_without_traceback(monkeypatch, capsys) -> None:
-    import torroute.deliver
-    from torroute import cli_deliver
+    import torroute.delivery.pipe
+    from torroute.cli import deliver as cli_deliver
 
     def explode(*args, **kwargs):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(torroute.deliver, "deliver", explode)
+    monkeypatch.setattr(torroute.delivery.pipe, "deliver", explode)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(MESSAGE)))
     code = cli_deliver.main(["--sender=a@b.test", f"--nexthop={ONION_A}", "--", "r@x.test"])
     out = capsys.readouterr()

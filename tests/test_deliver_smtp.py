@@ -1,4 +1,4 @@
-"""torroute.smtp (pure SMTP client state machine) and deliver's pure helpers."""
+"""torroute.protocols.smtp (pure SMTP client state machine) and deliver's pure helpers."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onions import ONION_A
 
-from torroute.deliver import (
+from torroute.delivery.pipe import (
     envelope_sender,
     looks_like_onion,
     parse_nexthop,
     socks_outcome,
 )
-from torroute.protocols.socks5 import SocksFailure
-from torroute.smtp import (
+from torroute.protocols.smtp import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
@@ -30,6 +29,7 @@ from torroute.smtp import (
     parse_ehlo,
     recipients_outcome,
 )
+from torroute.protocols.socks5 import socks_error
 
 EHLO_FULL = (b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMIME\r\n"
              b"250-SMTPUTF8\r\n250 ENHANCEDSTATUSCODES\r\n")
@@ -348,7 +348,8 @@ def test_envelope_sender() -> None:
     (0x99, DEFERRED, "4.4.1"), (None, DEFERRED, "4.4.1"),
 ])
 def test_socks_outcome(code: int | None, status: str, dsn: str) -> None:
-    out = socks_outcome(SocksFailure(code), f"{ONION_A}:25", ("127.0.0.1", 9050), 120)
+    destination = f"{ONION_A}:25"
+    out = socks_outcome(socks_error(code, destination), destination, ("127.0.0.1", 9050), 120)
     assert (out.status, out.dsn) == (status, dsn)
 
 

@@ -23,10 +23,10 @@ from realparts import free_port, shared_tmpdir
 from test_deliver_cli import CLEAN_ENV, MESSAGE, TORROUTE, status
 
 from torroute.config import load_config
-from torroute.deliver import DeliverSettings, tls_check_peer
+from torroute.delivery.pipe import DeliverSettings, tls_check_peer
+from torroute.delivery.relay import Relay
 from torroute.protocols.lmtp import Transaction
-from torroute.relay import Relay
-from torroute.routing import Router
+from torroute.routing.router import Router
 
 pytestmark = [pytest.mark.testnet]
 

@@ -20,8 +20,8 @@ from fixtures_exim import DEBIAN_CONFIG, DEBIAN_UE4CC, PLUGIN
 from onions import ONION_A, ONION_B
 from realparts import SrvRecord, shared_tmpdir
 
-from torroute.automap import resolve_automap
-from torroute.sink import MaildirSink
+from torroute.testing.sink import MaildirSink
+from torroute.tor.automap import resolve_automap
 
 pytestmark = pytest.mark.exim
 

@@ -20,8 +20,8 @@ import pytest
 from onions import ONION_A, ONION_B, ONION_C
 from realparts import SrvRecord, TorProcess, free_port
 
-from torroute.automap import resolve_automap
-from torroute.sink import MaildirSink
+from torroute.testing.sink import MaildirSink
+from torroute.tor.automap import resolve_automap
 
 pytestmark = pytest.mark.exim
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from realparts import SrvRecord
 
-from torroute.automap import resolve_automap
-from torroute.sink import MaildirSink
+from torroute.testing.sink import MaildirSink
+from torroute.tor.automap import resolve_automap
 
 pytestmark = [pytest.mark.exim, pytest.mark.testnet]
 

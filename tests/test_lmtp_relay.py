@@ -1,4 +1,4 @@
-"""The LMTP relay below Postfix: the SMTP client's relay options (pure), and torroute.relay
+"""The LMTP relay below Postfix: the SMTP client's relay options (pure), and torroute.delivery.relay
 against real parts (dnsmasq, the private Tor network, aiosmtpd behind an onion)."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from onions import ONION_A
 from realparts import free_port
 
 from torroute.config import load_config
-from torroute.deliver import DeliverSettings
+from torroute.delivery.pipe import DeliverSettings
+from torroute.delivery.relay import Relay
 from torroute.protocols.lmtp import Transaction
-from torroute.relay import Relay
-from torroute.routing import Router
-from torroute.smtp import BOUNCED, DEFERRED, DELIVERED, Close, Options, Send, SmtpClient
+from torroute.protocols.smtp import BOUNCED, DEFERRED, DELIVERED, Close, Options, Send, SmtpClient
+from torroute.routing.router import Router
 
 DEST = "x" * 56 + ".onion:25"
 EHLO = {"PIPELINING": "", "SIZE": "1000000", "8BITMIME": ""}
@@ -97,7 +97,7 @@ def test_refused_mail_defers_every_recipient_despite_pipelined_503s() -> None:
     assert [o.status for o in client.recipient_outcomes()] == [DEFERRED, DEFERRED]
 
 
-# ---- torroute.relay with real parts
+# ---- torroute.delivery.relay with real parts
 
 
 def make_relay(directory: Path, dns_port: int, socks: tuple[str, int], pins: str = "",
@@ -187,8 +187,8 @@ def test_pooled_connection_whose_mx_went_away_is_replaced(testnet, dnsmasq_facto
 def test_lmtp_listener_settings(serve_dir) -> None:
     """An lmtp listener switches the Postfix answer to the daemon's socket; a non-loopback
     one is refused (an unauthenticated relay into tor) unless allow_remote."""
+    from torroute.daemon.server import ServeSettings
     from torroute.errors import ConfigError
-    from torroute.server import ServeSettings
 
     cfg = serve_dir / "t.toml"
     cfg.write_text("[serve]\nlmtp_idle_timeout = 3\nlmtp_session_idle_timeout = 4.5\n")

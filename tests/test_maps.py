@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from onions import ONION_A, ONION_B, ONION_C
 
 from torroute.errors import MapError
-from torroute.maps import MAX_LOGGED_PROBLEMS, InvalidPin, load_maps
+from torroute.routing.maps import MAX_LOGGED_PROBLEMS, InvalidPin, load_maps
 
 
 def write(path: Path, text: str) -> Path:
@@ -70,7 +70,7 @@ def test_an_invalid_domain_name_is_a_map_error_with_file_and_line(tmp_path: Path
 def test_v2_pins_warn_once_per_load_and_can_be_deferred(tmp_path: Path, caplog) -> None:
     v2s = "".join(f"{c * 16}.onion:\n  - v2-{c}.example\n" for c in "abcdefg")
     f = write(tmp_path / "map.yml", v2s + f"{ONION_A}:\n  - v3.example\n")
-    with caplog.at_level(logging.WARNING, logger="torroute.maps"):
+    with caplog.at_level(logging.WARNING, logger="torroute.routing.maps"):
         pins = load_maps([f])
     v2_lines = [r for r in caplog.records if "v2 onion pins ignored" in r.getMessage()]
     assert len(v2_lines) == 1 and "7 v2 onion pins" in v2_lines[0].getMessage()
@@ -103,7 +103,7 @@ def test_later_entries_win_between_valid_and_invalid_pins(tmp_path: Path) -> Non
 def test_each_problem_is_one_line_and_many_get_one_summary(tmp_path: Path, caplog) -> None:
     typo = ONION_A[:-7] + ("a" if ONION_A[-7] != "a" else "b") + ONION_A[-6:]
     f = write(tmp_path / "many.txt", "".join(f"d{i}.example {typo}\n" for i in range(50)))
-    with caplog.at_level(logging.INFO, logger="torroute.maps"):
+    with caplog.at_level(logging.INFO, logger="torroute.routing.maps"):
         pins = load_maps([f])
     assert len(pins.invalid) == 50
     messages = [r.getMessage() for r in caplog.records]

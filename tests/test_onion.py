@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onions import ONION_A, TORPROJECT, make_onion
 
-from torroute.ed25519 import is_valid_pubkey
 from torroute.errors import InvalidOnion, PermanentError
-from torroute.onion import is_onion_name, onion_from_pubkey, parse_onion
+from torroute.routing.ed25519 import is_valid_pubkey
+from torroute.routing.onion import is_onion_name, onion_from_pubkey, parse_onion
 
 B32 = "abcdefghijklmnopqrstuvwxyz234567"
 

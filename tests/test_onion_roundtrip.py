@@ -14,9 +14,9 @@ import time
 import pytest
 from onions import make_onion
 
-from torroute.automap import aresolve_automap, resolve_automap
 from torroute.errors import InvalidOnion
-from torroute.socks import PermanentSocksError, TemporarySocksError, adial, dial
+from torroute.tor.automap import aresolve_automap, resolve_automap
+from torroute.tor.socks import PermanentSocksError, TemporarySocksError, adial, dial
 
 pytestmark = pytest.mark.testnet
 
@@ -32,7 +32,7 @@ def bad_checksum(onion: str) -> str:
 
 
 class TorSMTP(smtplib.SMTP):
-    """smtplib over a torroute.socks connection (what a Python MTA-side user would write)."""
+    """smtplib over a torroute.tor.socks connection (what a Python MTA-side user would write)."""
 
     def __init__(self, proxy: tuple[str, int], **kwargs) -> None:
         self.proxy = proxy

@@ -131,7 +131,7 @@ def test_garbage_never_crashes_and_stays_bounded(chunks: list[bytes], max_size: 
 @given(st.lists(st.binary(max_size=200).filter(lambda b: b"\n" not in b and b"\r" not in b),
                 max_size=20), st.integers(1, 50))
 def test_any_body_round_trips_through_dot_stuffing(lines: list[bytes], step: int) -> None:
-    from torroute.smtp import dot_stuff
+    from torroute.protocols.smtp import dot_stuff
 
     body = b"".join(line + b"\n" for line in lines)
     server = session()

@@ -12,8 +12,8 @@ from torroute.protocols.socks5 import (
     SOCKS_REPLIES,
     Socks5Client,
     Socks5RequestError,
-    SocksFailure,
     describe,
+    socks_error,
 )
 
 CONNECT_AB = b"\x05\x01\x00\x03\x08ab.onion\x00\x19"
@@ -108,7 +108,7 @@ def test_describe_uses_tors_table() -> None:
     assert temporary and "unknown SOCKS reply code 0x99" in message
     assert describe(None, "d", "why") == ("SOCKS connect to d failed: why", True)
     assert {code for code, (_, temp) in SOCKS_REPLIES.items() if not temp} == {0xF4, 0xF5, 0xF6}
-    assert SocksFailure(0xF0).temporary and not SocksFailure(0xF4).temporary
+    assert socks_error(0xF0, "x:1").temporary and not socks_error(0xF4, "x:1").temporary
 
 
 @given(st.binary(max_size=64), st.lists(st.integers(1, 8), max_size=20), st.booleans(),

@@ -1,5 +1,5 @@
 """The LMTP relay tries the further SRV targets when the first fails before the message was
-sent -- torroute.relay on the private Tor network, and `torroute serve --lmtp` below a real
+sent -- torroute.delivery.relay on the private Tor network, and `torroute serve --lmtp` below a real
 Postfix.  Same targets as tests/test_deliver_backup.py:
 
     _onion-mx._tcp.prio.test  SRV 0 <dead>, SRV 10 <first live MX>, SRV 20 <second live MX>
@@ -19,10 +19,10 @@ from test_deliver_backup import prio_records
 from test_deliver_postfix import message
 
 from torroute.config import load_config
-from torroute.deliver import DeliverSettings
+from torroute.delivery.pipe import DeliverSettings
+from torroute.delivery.relay import Relay
 from torroute.protocols.lmtp import Transaction
-from torroute.relay import Relay
-from torroute.routing import Router
+from torroute.routing.router import Router
 
 pytestmark = [pytest.mark.testnet]
 

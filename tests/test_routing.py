@@ -15,9 +15,9 @@ from onions import ONION_A, ONION_B, ONION_C
 from realparts import Dnsmasq, SrvRecord
 
 from torroute.config import Config
-from torroute.maps import PinMap
-from torroute.onion import parse_onion
-from torroute.routing import (
+from torroute.routing.maps import PinMap
+from torroute.routing.onion import parse_onion
+from torroute.routing.router import (
     NoRoute,
     Reject,
     Route,
@@ -26,7 +26,7 @@ from torroute.routing import (
     decide_static,
     destination_domain,
 )
-from torroute.srv import SrvTarget, order_targets
+from torroute.routing.srv import SrvTarget, order_targets
 
 SRV = "_onion-mx._tcp."
 ROOT_ANCHOR = ("--trust-anchor=.,20326,8,2,"

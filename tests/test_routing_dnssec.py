@@ -24,7 +24,7 @@ from onions import ONION_A, ONION_B, ONION_C
 from realparts import SrvRecord
 
 from torroute.config import Config
-from torroute.routing import NoRoute, Route, Router, TempFail, decide_srv, srv_query
+from torroute.routing.router import NoRoute, Route, Router, TempFail, decide_srv, srv_query
 
 SRV = "_onion-mx._tcp."
 MODES = [pytest.param(True, id="require_dnssec"), pytest.param(False, id="no_require_dnssec")]

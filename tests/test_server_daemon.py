@@ -11,8 +11,9 @@ from onions import ONION_A, ONION_B
 from realparts import SrvRecord, free_port
 
 from torroute.config import Config, ConfigError, load_config
+from torroute.daemon.server import LookupDaemon, ServeSettings
+from torroute.endpoint import Endpoint
 from torroute.protocols import tcptable
-from torroute.server import Endpoint, LookupDaemon, ServeSettings
 
 
 def settings(port: int, **kw) -> ServeSettings:
@@ -125,7 +126,7 @@ def test_reload_state_one_error_line_and_old_configuration_kept(tmp_path: Path,
                                                                 daemon_records) -> None:
     """A reload that fails is one ERROR record naming the error (no traceback), keeps the old
     pins and is recorded in ``reload_state``; the next good one clears it."""
-    from torroute.server import ReloadState
+    from torroute.daemon.server import ReloadState
 
     (tmp_path / "map.txt").write_text(f"a.test {ONION_A}\n")
     cfg = tmp_path / "t.toml"
@@ -162,7 +163,7 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch) -> None:
     import os
     import socket
 
-    from torroute.server import sd_notify
+    from torroute.daemon.server import sd_notify
 
     name = f"torroute-test-notify-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -151,7 +151,8 @@ def test_broken_map_on_reload_keeps_old_answers(daemon, serve_dir, postmap) -> N
     r = postmap.query("a@pinned.test", daemon.tcp_table)
     assert r.stdout.strip() == f"torroute:[{ONION_B}]:25"
     [error] = daemon.error_lines()
-    assert error.startswith("torroute: ERROR torroute.server: reload failed, keeping the old "
+    assert error.startswith("torroute: ERROR torroute.daemon.server: reload failed, keeping "
+                            "the old "
                             f"configuration: config file {cfg}: Expected ']'"), log
     assert "(at line 1, column 9)" in error
     assert "Traceback" not in daemon.log()

@@ -50,7 +50,8 @@ def test_status_line_tells_a_failed_reload(daemon_factory, serve_dir, notify_soc
     assert status == (f"READY=1\nSTATUS=serving 3 pinned domains; last reload failed: "
                       f"{reason}; old configuration kept")
     log = d.wait_log("reload failed")
-    assert d.error_lines() == ["torroute: ERROR torroute.server: reload failed, keeping the old "
+    assert d.error_lines() == ["torroute: ERROR torroute.daemon.server: reload failed, "
+                               "keeping the old "
                                f"configuration: {reason}"]
     assert "Traceback" not in log
     cfg.write_text(good)  # fixed: the next reload clears the failure

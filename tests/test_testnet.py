@@ -1,4 +1,4 @@
-"""torroute.testnet: loopback-only torrc checks (pure), and the real private network."""
+"""torroute.testing.testnet: loopback-only torrc checks (pure), and the real private network."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from torroute import testnet as tn
-from torroute.testnet import (
+from torroute.testing import testnet as tn
+from torroute.testing.testnet import (
     BootError,
     Node,
     PrivateNetwork,
@@ -256,7 +256,7 @@ def test_consensus_relays_parses_flags() -> None:
 
 def socks5_by_hand(proxy: tuple[str, int], host: str, port: int,
                    timeout: float = 30.0) -> tuple[int, socket.socket]:
-    """SOCKS5 CONNECT written out byte by byte (independent of torroute.socks)."""
+    """SOCKS5 CONNECT written out byte by byte (independent of torroute.tor.socks)."""
     sock = socket.create_connection(proxy, timeout=timeout)
     sock.sendall(b"\x05\x01\x00")
     assert sock.recv(2) == b"\x05\x00"
@@ -405,7 +405,7 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     before = set(Path("/tmp").glob("torroute-demo-*"))
     # this tree's torroute, not whatever /opt/torroute has installed (the same in CI)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.run([sys.executable, "-m", "torroute.demo"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "torroute.cli.demo"], capture_output=True,
                           text=True, timeout=120, cwd="/tmp", env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout

@@ -11,11 +11,11 @@ import pytest
 from onions import ONION_A, ONION_B, TORPROJECT
 from realparts import free_port
 
-from torroute.automap import aresolve_automap, resolve_automap
-from torroute.ed25519 import is_valid_pubkey
 from torroute.errors import AutomapError, InvalidOnion, TorUnavailable
-from torroute.onion import onion_from_pubkey
-from torroute.socks import (
+from torroute.routing.ed25519 import is_valid_pubkey
+from torroute.routing.onion import onion_from_pubkey
+from torroute.tor.automap import aresolve_automap, resolve_automap
+from torroute.tor.socks import (
     PermanentSocksError,
     TemporarySocksError,
     adial,
@@ -160,7 +160,7 @@ def test_the_onion_a_route_returns_is_automapped(tor, dnsmasq_factory, tmp_path)
     from realparts import SrvRecord
 
     from torroute.config import Config
-    from torroute.routing import Route, Router
+    from torroute.routing.router import Route, Router
 
     dns = dnsmasq_factory([SrvRecord("_onion-mx._tcp.example.test", "mx." + ONION_A)])
     pins = tmp_path / "pins.txt"

@@ -11,13 +11,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_config": "config", "Config": "config",
     "Router": "api", "dial": "api", "open_connection": "api", "resolve_automap": "api",
-    "Route": "routing", "NoRoute": "routing", "TempFail": "routing", "Reject": "routing",
-    "parse_onion": "onion", "OnionAddress": "onion",
-    "SMTP": "client", "SendResult": "client", "send_message": "client",
+    "Route": "routing.decisions", "NoRoute": "routing.decisions", "TempFail": "routing.decisions",
+    "Reject": "routing.decisions",
+    "parse_onion": "routing.onion", "OnionAddress": "routing.onion",
+    "SMTP": "delivery.client", "SendResult": "delivery.client", "send_message": "delivery.client",
     "TorrouteError": "errors", "TemporaryError": "errors", "PermanentError": "errors",
     "InvalidOnion": "errors", "ConfigError": "errors", "MapError": "errors",
     "DNSTemporaryError": "errors", "TorUnavailable": "errors", "AutomapError": "errors",
-    "SocksError": "socks", "TemporarySocksError": "socks", "PermanentSocksError": "socks",
+    "SocksError": "errors", "TemporarySocksError": "errors", "PermanentSocksError": "errors",
+    "ProtocolError": "errors", "TlsRefused": "errors",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,8 +27,8 @@ __all__ = sorted(_EXPORTS)
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time names load on first use
     from .api import Router, dial, open_connection, resolve_automap  # noqa: F401
-    from .client import SMTP, SendResult, send_message  # noqa: F401
     from .config import Config, load_config  # noqa: F401
+    from .delivery.client import SMTP, SendResult, send_message  # noqa: F401
     from .errors import (  # noqa: F401
         AutomapError,
         ConfigError,
@@ -34,13 +36,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time names load on 
         InvalidOnion,
         MapError,
         PermanentError,
+        PermanentSocksError,
+        ProtocolError,
+        SocksError,
         TemporaryError,
+        TemporarySocksError,
+        TlsRefused,
         TorrouteError,
         TorUnavailable,
     )
-    from .onion import OnionAddress, parse_onion  # noqa: F401
-    from .routing import NoRoute, Reject, Route, TempFail  # noqa: F401
-    from .socks import PermanentSocksError, SocksError, TemporarySocksError  # noqa: F401
+    from .routing.decisions import NoRoute, Reject, Route, TempFail  # noqa: F401
+    from .routing.onion import OnionAddress, parse_onion  # noqa: F401
 
 
 def __getattr__(name: str):

@@ -1,7 +1,7 @@
 """The public entry points that need settings, each with ``config=`` (default: :func:`load_config`).
 
-Why thin wrappers over :mod:`torroute.routing`, :mod:`torroute.socks` and
-:mod:`torroute.automap` instead of new code: one implementation per job.  They only take the
+Why thin wrappers over :mod:`torroute.routing.router`, :mod:`torroute.tor.socks` and
+:mod:`torroute.tor.automap` instead of new code: one implementation per job.  They only take the
 proxy, DNSPort, timeouts and isolation from the :class:`~torroute.config.Config`, so a tool
 author learns one convention: ``config=``.
 """
@@ -13,8 +13,8 @@ import socket
 from typing import TYPE_CHECKING
 
 from .config import Config, load_config
-from .maps import PinMap
-from .routing import Router as _CoreRouter
+from .routing.maps import PinMap
+from .routing.router import Router as _CoreRouter
 
 if TYPE_CHECKING:
     import asyncio
@@ -47,7 +47,7 @@ def dial(host: str, port: int, *, config: Config | None = None, timeout: float |
     set on the socket; ``isolate`` (default ``isolate_streams``) asks for circuits of its own.
     Raises a :class:`TemporaryError` (tor down, onion unreachable now) or a
     :class:`PermanentError` (tor's 0xF4..0xF6: a bad address or auth)."""
-    from .socks import dial as socks_dial
+    from .tor.socks import dial as socks_dial
 
     cfg = _config(config)
     return socks_dial(host, port, proxy=cfg.tor_socks,
@@ -59,7 +59,7 @@ async def open_connection(host: str, port: int, *, config: Config | None = None,
                           timeout: float | None = None, isolate: bool | str | None = None,
                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """:func:`dial` for asyncio: ``(reader, writer)`` like :func:`asyncio.open_connection`."""
-    from .socks import adial
+    from .tor.socks import adial
 
     cfg = _config(config)
     return await adial(host, port, proxy=cfg.tor_socks,
@@ -72,7 +72,7 @@ def resolve_automap(onion: str, *, config: Config | None = None,
     """Tor's virtual IPv4 for a v3 onion, from its DNSPort (``tor_dns``), checked against
     ``virtual_network`` -- for SOCKS clients that send only IPs (Exim).  Never cached: tor keeps
     the mapping in memory only.  Raises InvalidOnion, TorUnavailable or AutomapError."""
-    from .automap import resolve_automap as core
+    from .tor.automap import resolve_automap as core
 
     cfg = _config(config)
     return core(onion, cfg.tor_dns, timeout, cfg.virtual_network)

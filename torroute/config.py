@@ -13,43 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .endpoint import HostPort, parse_hostport
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/torroute/torroute.toml")
-HostPort = tuple[str, int]
-
-
-def parse_hostport(text: str, default_port: int | None = None) -> HostPort:
-    """``HOST:PORT``, ``[V6]:PORT`` or (with a default port) ``HOST``."""
-    text = text.strip()
-    host, sep, port = text.rpartition(":")
-    if text.startswith("[") and "]" in text:
-        close = text.index("]")
-        host, rest = text[1:close], text[close + 1 :]
-        if rest.startswith(":"):
-            port, sep = rest[1:], ":"
-        else:
-            port, sep = "", ""
-    elif not sep or ":" in host:  # no port, or a bare IPv6 address
-        host, port = text, ""
-    if not port:
-        if default_port is None:
-            raise ConfigError(f"{text!r}: expected HOST:PORT")
-        return host, default_port
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"{text!r}: port {port!r} is not a number") from None
-    if not (0 < number < 65536) or not host:
-        raise ConfigError(f"{text!r}: expected HOST:PORT with a port in 1..65535")
-    return host, number
-
-
-def format_hostport(hp: HostPort) -> str:
-    host, port = hp
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass
 class Config:
     """Everything the routing core and the tor clients need; other modules read their own tables
@@ -204,7 +171,7 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> Config:
     ``tor_socks="127.0.0.1:9050"``), checked with the file's coercion, or a whole other table
     by name (``deliver={"time_limit": 60}``); they replace the file's values.  Unknown names
     and bad values raise :class:`~torroute.errors.ConfigError`.  (The CLI applies its flags
-    with :func:`apply_overrides` afterwards: torroute.cli_options.)
+    with :func:`apply_overrides` afterwards: torroute.cli.options.)
     """
     explicit = path is not None
     if path is None:

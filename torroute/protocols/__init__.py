@@ -9,6 +9,8 @@ imports only :mod:`.socks5`, and building :mod:`.lookup`'s two dataclasses and r
 
 from __future__ import annotations
 
+from ..errors import ProtocolError
+
 __all__ = [
     "ProtocolError",
     "Lookup",
@@ -23,8 +25,6 @@ __all__ = [
 ]
 
 
-class ProtocolError(ValueError):
-    """Base of every codec error: malformed wire data or an unsafe reply value."""
 
 
 def __getattr__(name: str) -> object:

@@ -8,7 +8,7 @@ own answer.  Everything the peer sends is bounded (command line, message size, r
 errors) and malformed input gets an SMTP error reply, never an exception.
 
 The message handed out has LF line ends (one record per line, dot-unstuffing undone), the form
-:class:`torroute.smtp.SmtpClient` takes from Postfix's pipe(8).
+:class:`torroute.protocols.smtp.SmtpClient` takes from Postfix's pipe(8).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """SOCKS5 CONNECT to tor's SocksPort as a pure machine: it says what to send and how many bytes
-to read next; the drivers (:mod:`torroute.tordial`) only move bytes and enforce deadlines.
+to read next; the drivers (:mod:`torroute.tor.dial`) only move bytes and enforce deadlines.
 
 Why our own and not python-socks' ``_protocols.socks5``: tor's ``ExtendedErrors`` (0xF0..0xF7,
 the onion-service codes that decide defer or bounce) are outside RFC 1928, and python-socks
@@ -11,19 +11,19 @@ dial CPU in bench/socks_dial.py (ours 88 us, python-socks 96 us, sync, loopback)
 Only what torroute sends: the host name goes to tor (ATYP 3, resolved by tor, never locally),
 auth is "none" or username/password (``IsolateSOCKSAuth``: a distinct username gets its own
 circuits).  :meth:`Socks5Client.feed` never raises: any reply bytes end in ``connected`` or a
-:class:`SocksFailure` in ``failure``; only a request that cannot be encoded
+:class:`~torroute.errors.SocksError` in ``failure``; only a request that cannot be encoded
 (:class:`Socks5RequestError`, at construction) raises.
 """
 
 from __future__ import annotations
 
-from . import ProtocolError
+from ..errors import PermanentSocksError, ProtocolError, SocksError, TemporarySocksError
 
 __all__ = [
     "SOCKS_REPLIES",
     "Socks5Client",
     "Socks5RequestError",
-    "SocksFailure",
+    "socks_error",
     "describe",
 ]
 
@@ -63,17 +63,11 @@ class Socks5RequestError(ProtocolError):
     """The CONNECT cannot be encoded (host name not 1..255 ASCII bytes, port, credentials)."""
 
 
-class SocksFailure(Exception):
-    """Tor answered the CONNECT with a non-zero reply ``code``, or with something that is not
-    a SOCKS5 answer (``code`` None, what was wrong in the message)."""
-
-    def __init__(self, code: int | None, detail: str = "") -> None:
-        super().__init__(detail or f"SOCKS reply {code}")
-        self.code = code
-
-    @property
-    def temporary(self) -> bool:
-        return describe(self.code, "")[1]
+def socks_error(code: int | None, destination: str, detail: str = "") -> SocksError:
+    """The error for a reply code (unknown codes are temporary: defer, don't bounce)."""
+    message, temporary = describe(code, destination, detail)
+    cls = TemporarySocksError if temporary else PermanentSocksError
+    return cls(message, code)
 
 
 # states: what the next bytes from tor are
@@ -92,7 +86,7 @@ class Socks5Client:
     reads them in order): how the testnet probe talks to tor."""
 
     __slots__ = ("_auth", "_connect", "_pipeline", "_buf", "_need", "_state",
-                 "failure", "extra", "bound")
+                 "failure", "destination", "extra", "bound")
 
     def __init__(self, host: str, port: int, username: bytes | None = None,
                  password: bytes = b"", pipeline: bool = False) -> None:
@@ -113,7 +107,8 @@ class Socks5Client:
         self._buf = b""
         self._need = 2  # size of the message being read
         self._state = _METHOD
-        self.failure: SocksFailure | None = None
+        self.failure: SocksError | None = None
+        self.destination = f"{host}:{port}"
         self.extra = b""
         self.bound = b""  # ATYP + BND.ADDR + BND.PORT of the reply, raw
 
@@ -158,7 +153,7 @@ class Socks5Client:
         return out
 
     def _fail(self, code: int | None, detail: str = "") -> bytes:
-        self.failure = SocksFailure(code, detail)
+        self.failure = socks_error(code, self.destination, detail)
         self._state = _DONE
         return b""
 

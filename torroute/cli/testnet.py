@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 
-from . import exitcodes
+from .. import exitcodes
 
 
 def default_dir() -> str:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace, config) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from .testnet import (
+    from ..testing.testnet import (
         STATE_FILE,
         PrivateNetwork,
         TestnetError,
@@ -140,7 +140,7 @@ def _print_info(info: dict) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .testnet import status
+    from ..testing.testnet import status
 
     try:
         data = status(args.dir)
@@ -161,7 +161,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from .testnet import down
+    from ..testing.testnet import down
 
     try:
         stopped = down(args.dir, keep=args.keep)

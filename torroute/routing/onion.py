@@ -3,12 +3,12 @@
 An address is base32(PUBKEY[32] | CHECKSUM[2] | VERSION[1]) + ".onion", with
 CHECKSUM = SHA3-256(".onion checksum" | PUBKEY | VERSION)[:2] and VERSION = 3.  Validation is
 strict because a mistyped onion must never become a route; like tor, it also checks that the key
-is a valid ed25519 point (see :mod:`torroute.ed25519`).
+is a valid ed25519 point (see :mod:`torroute.routing.ed25519`).
 """
 
 from __future__ import annotations
 
-from .errors import InvalidOnion
+from ..errors import InvalidOnion
 
 try:  # CPython's own SHA-3: hashlib would load OpenSSL first (~3 ms of the pipe's cold start)
     from _sha3 import sha3_256

@@ -7,7 +7,7 @@ level: ``torroute deliver`` is started once per message and dials with :func:`co
 start must not pay for asyncio (~25 ms, ``-X importtime``).
 
 Both raise ``OSError`` (the SocksPort is unreachable or the connection broke), ``TimeoutError``
-(deadline), :class:`~torroute.protocols.socks5.SocksFailure` (tor refused: ``code``) and
+(deadline), :class:`~torroute.protocols.socks5.SocksError` (tor refused: ``code``) and
 :class:`~torroute.protocols.socks5.Socks5RequestError` (a host name that cannot be sent).
 """
 
@@ -17,12 +17,13 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from .protocols.socks5 import Socks5Client, SocksFailure
+from ..errors import SocksError
+from ..protocols.socks5 import Socks5Client
 
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["connect", "open_connection", "isolation", "SocksFailure"]
+__all__ = ["connect", "open_connection", "isolation", "SocksError"]
 
 
 def isolation(host: str, isolate: bool | str) -> tuple[bytes | None, bytes]:

@@ -21,70 +21,15 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from .config import Config, HostPort, normalize_domain
-from .errors import InvalidOnion
+from ..config import Config, normalize_domain
+from ..endpoint import HostPort
+from ..errors import InvalidOnion
+from .decisions import Decision, NoRoute, Reject, Route, TempFail, destination_domain
 from .maps import Pin, PinMap, load_maps
 from .onion import is_onion_name, parse_onion
 from .srv import SrvTarget, order_targets, valid_onion_targets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """Deliver to ``onion:port`` over Tor."""
-
-    domain: str
-    onion: str
-    port: int
-    source: str  # "map FILE:LINE", "srv", "onion"
-    ttl: float | None = None
-    alternatives: tuple[tuple[str, int], ...] = ()  # further SRV targets, in RFC 2782 order
-
-    kind = "route"
-
-
-@dataclass(frozen=True, slots=True)
-class NoRoute:
-    """No onion route: deliver the usual way (or, for a local domain, locally)."""
-
-    domain: str
-    reason: str
-
-    kind = "noroute"
-
-
-@dataclass(frozen=True, slots=True)
-class TempFail:
-    """The route cannot be known now: defer the mail."""
-
-    domain: str
-    reason: str
-
-    kind = "tempfail"
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    """The destination is an invalid ``.onion`` name: no route can ever exist (bounce)."""
-
-    domain: str
-    reason: str
-
-    kind = "reject"
-
-
-Decision = Route | NoRoute | TempFail | Reject
-
-
-def destination_domain(domain_or_address: str) -> str:
-    """The domain part of ``user@domain`` (or the domain itself), lowercase, no trailing dot."""
-    text = domain_or_address.strip()
-    if "@" in text:
-        text = text.rsplit("@", 1)[1]
-    if text.startswith("[") and text.endswith("]"):
-        return text  # an address literal: never routed
-    return text.rstrip(".").lower()
 
 
 def decide_static(domain: str, config: Config, pins: PinMap) -> Decision | None:

@@ -1,4 +1,4 @@
-"""The ``torroute`` command: one argparse front end, subcommands in ``torroute/cli_*.py``.
+"""The ``torroute`` command: one argparse front end, one module per command in ``torroute/cli/``.
 
 Every subcommand module imports only the standard library at import time, so building the parser
 stays cheap; the real work is imported inside ``run``.  Exit statuses (torroute.exitcodes):
@@ -11,14 +11,14 @@ import argparse
 import importlib
 import sys
 
-from . import __version__, exitcodes
+from .. import __version__, exitcodes
 
-COMMAND_MODULES = ["core", "testnet", "serve", "deliver", "control"]
+COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Each command module's ``register(subparsers)`` picks its option groups from
-    torroute.cli_options: a command lists (and accepts) only the flags it uses."""
+    torroute.cli.options: a command lists (and accepts) only the flags it uses."""
     parser = argparse.ArgumentParser(
         prog="torroute",
         description="Deliver mail for ordinary domains over Tor onion services.",
@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"torroute.cli_{name}")
+            module = importlib.import_module(f"torroute.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"torroute.cli_{name}":
+            if exc.name != f"torroute.cli.{name}":
                 raise
             continue  # a command not installed in this build
         module.register(subparsers)
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["deliver"]:  # Postfix pipe(8): one process per message; must never exit
-        from .cli_deliver import main as deliver_main  # 64/78 (pipe bounces on those)
+        from .deliver import main as deliver_main  # 64/78 (pipe bounces on those)
 
         return deliver_main(argv[1:])
     parser = build_parser()
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return exitcodes.USAGE
     setup_logging(getattr(args, "verbose", 0))
-    from .errors import ConfigError, TorrouteError
+    from ..errors import ConfigError, TorrouteError
 
     try:
-        from .cli_options import load_cli_config
+        from .options import load_cli_config
 
         config = load_cli_config(args) if getattr(args, "uses_config", True) else None
         return args.run(args, config)

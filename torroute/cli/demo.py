@@ -1,11 +1,12 @@
 """The demo (``./demo``): two domains routed over Tor onion services, end to end, on 127.0.0.1.
 
-What it shows, with real parts only: a private Tor network (torroute.testnet) serving two onion
-MXes (SMTP sinks storing to Maildirs); a dnsmasq answering ``_onion-mx._tcp.example.test SRV``
-with the first onion; a pinned map sending ``pinned.test`` to the second; ``torroute route`` for
-both (and for a domain with no route); then one message to each, sent through Tor with the
-library (routing + SOCKS dialer + smtplib), and where each landed.  Then it cleans up.
-Nothing leaves 127.0.0.1.  ``python -m torroute.demo [--keep]``.
+What it shows, with real parts only: a private Tor network (torroute.testing.testnet) serving
+two onion MXes (SMTP sinks storing to Maildirs); a dnsmasq answering
+``_onion-mx._tcp.example.test SRV`` with the first onion; a pinned map sending ``pinned.test``
+to the second; ``torroute route`` for both (and for a domain with no route); then one message
+to each, sent through Tor with the library (routing + SOCKS dialer + smtplib), and where each
+landed.  Then it cleans up.
+Nothing leaves 127.0.0.1.  ``python -m torroute.cli.demo [--keep]``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .sink import MaildirSink
-from .testnet import PrivateNetwork, free_ports, hostport
+from ..testing.sink import MaildirSink
+from ..testing.testnet import PrivateNetwork, free_ports, hostport
 
 SRV_DOMAIN = "example.test"
 PINNED_DOMAIN = "pinned.test"
@@ -46,7 +47,7 @@ class TorSMTP(smtplib.SMTP):
         super().__init__(**kwargs)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        from .socks import dial
+        from ..tor.socks import dial
 
         return dial(host, port, proxy=self.proxy, timeout=timeout)
 
@@ -84,8 +85,8 @@ def run_cli(*args: str) -> str:
 
 def send(config_path: Path, recipient: str, subject: str) -> tuple[str, float]:
     """Route ``recipient`` with the library and deliver one message through Tor."""
-    from .config import load_config
-    from .routing import Router
+    from ..config import load_config
+    from ..routing.router import Router
 
     config = load_config(config_path)
     decision = Router.from_config(config).route(recipient)

@@ -5,17 +5,17 @@ Why a native program instead of Postfix's ``smtp`` under ``torsocks``: torsocks 
 (IPv6 sockets, connection-cache descriptor passing, throttled transports).  This program is
 started once per message (or per recipient with ``recipient_limit = 1``), so it imports only the
 standard library on the success path: the SOCKS5 handshake is :mod:`torroute.protocols.socks5`
-(pure, with tor's error table) driven by :func:`torroute.tordial.connect`, the SMTP protocol is
-:mod:`torroute.smtp` (pure); neither asyncio nor python-socks is imported.
+(pure, with tor's error table) driven by :func:`torroute.tor.dial.connect`, the SMTP protocol is
+:mod:`torroute.protocols.smtp` (pure); neither asyncio nor python-socks is imported.
 
-Every path ends in an :class:`~torroute.smtp.Outcome`: exit 0 delivered, 75 deferred, 69
+Every path ends in an :class:`~torroute.protocols.smtp.Outcome`: exit 0 delivered, 75 deferred, 69
 bounced, with the enhanced status code first on stdout (pipe(8): it wins over the exit status).
 Nothing is ever sent except through Tor; anything unexpected defers.
 
 Backup MXs: Postfix's ``${nexthop}`` names one onion, the first SRV target.  When it fails
 before the message was sent (tor cannot reach it, no or a bad greeting, ...), the program routes
 the recipients' domain itself, with the same configuration as the daemon, and tries the further
-SRV targets in RFC 2782 order within the same ``time_limit``.  :mod:`torroute.routing`
+SRV targets in RFC 2782 order within the same ``time_limit``.  :mod:`torroute.routing.router`
 (dnspython) is imported only then, so the start-up cost of a delivery that works is unchanged.
 """
 
@@ -26,9 +26,8 @@ import socket
 import time
 from collections.abc import Sequence
 
-from . import tordial
-from .protocols.socks5 import SocksFailure, describe
-from .smtp import (
+from ..errors import SocksError, TlsRefused
+from ..protocols.smtp import (
     DEFERRED,
     Close,
     Options,
@@ -39,6 +38,7 @@ from .smtp import (
     permanent,
     temporary,
 )
+from ..tor import dial as tordial
 
 Target = tuple[str, int]  # (onion, port)
 
@@ -79,7 +79,7 @@ class DeliverSettings:
     def from_config(cls, config, overrides: dict | None = None) -> DeliverSettings:
         """Read ``[deliver]``; ``overrides`` (``{key: value}``, a None value = not given) win:
         the CLI passes its flags so, the library never sees argparse."""
-        from .errors import ConfigError
+        from ..errors import ConfigError
 
         table = dict(config.section("deliver"))
         settings = cls(proxy=tuple(config.tor_socks), isolate=bool(config.isolate_streams),
@@ -157,8 +157,9 @@ def _port(text: str, nexthop: str) -> int:
 
 def recipient_domains(recipients: Sequence[str | bytes]) -> list[str]:
     """The distinct domains of the recipients (IDNA A-labels, as certificates carry them), for
-    ``tls_verify``.  Not torroute.routing's destination_domain: that module imports dnspython."""
-    from .config import normalize_domain
+    ``tls_verify``.  Not torroute.routing.router's destination_domain: that module imports
+    dnspython."""
+    from ..config import normalize_domain
 
     domains: list[str] = []
     for rcpt in recipients:
@@ -190,7 +191,7 @@ def envelope_sender(sender: str) -> bytes:
     return raw
 
 
-# ---- SOCKS5 to tor: torroute.protocols.socks5 (codec) and torroute.tordial (drivers)
+# ---- SOCKS5 to tor: torroute.protocols.socks5 (codec) and torroute.tor.dial (drivers)
 
 
 def socks_may_try_next(exc: BaseException, outcome: Outcome) -> bool:
@@ -200,7 +201,7 @@ def socks_may_try_next(exc: BaseException, outcome: Outcome) -> bool:
     speaking garbage (every target goes through it) or a permanent reply (0xF4..0xF6): no."""
     if isinstance(exc, TimeoutError | socket.timeout):
         return True
-    return isinstance(exc, SocksFailure) and exc.code is not None and \
+    return isinstance(exc, SocksError) and exc.code is not None and \
         outcome.status == DEFERRED
 
 
@@ -211,9 +212,9 @@ def socks_outcome(exc: BaseException, destination: str, proxy: tuple[str, int],
     if isinstance(exc, TimeoutError | socket.timeout):
         return temporary("4.4.1", f"{destination}: connect through tor timed out after "
                          f"{timeout:g}s")
-    if isinstance(exc, SocksFailure):
-        message, is_temporary = describe(exc.code, destination, str(exc))
-        if is_temporary:
+    if isinstance(exc, SocksError):
+        message = str(exc)
+        if exc.temporary:
             return temporary("4.4.1", f"tor: {message}")
         dsn = "5.1.2" if exc.code == 0xF6 else "5.7.1" if exc.code in (0xF4, 0xF5) else "5.4.4"
         return permanent(dsn, f"tor: {message}")
@@ -223,7 +224,7 @@ def socks_outcome(exc: BaseException, destination: str, proxy: tuple[str, int],
                      f"{getattr(exc, 'strerror', None) or exc}")
 
 
-# ---- the session driver (I/O edge of torroute.smtp)
+# ---- the session driver (I/O edge of torroute.protocols.smtp)
 
 
 class _Clock:
@@ -240,11 +241,7 @@ class _Clock:
         return min(wanted, left)
 
 
-# ---- TLS (STARTTLS to the onion MX; torroute.relay uses the same helpers)
-
-
-class TlsRefused(Exception):
-    """The server's certificate does not pass ``tls_verify``."""
+# ---- TLS (STARTTLS to the onion MX; torroute.delivery.relay uses the same helpers)
 
 
 def tls_context(settings: DeliverSettings):
@@ -263,7 +260,7 @@ def tls_context(settings: DeliverSettings):
             try:
                 context = ssl.create_default_context(cafile=settings.tls_ca_file)
             except (OSError, ssl.SSLError) as exc:
-                from .errors import ConfigError
+                from ..errors import ConfigError
 
                 raise ConfigError(f"deliver.tls_ca_file {settings.tls_ca_file}: {exc}") from None
             context.check_hostname = False
@@ -433,7 +430,7 @@ def backup_targets(config, recipients: Sequence[str], failed: Target, seconds: f
     return the further targets (:func:`next_targets`) and, if routing failed (DNS, an
     unreadable map), why -- worth a word in the deferral.  Never raises."""
     try:
-        from .routing import Route, Router, TempFail
+        from ..routing.router import Route, Router, TempFail
 
         config.dns_timeout = max(0.1, min(config.dns_timeout, seconds))
         router = Router.from_config(config)
@@ -498,7 +495,7 @@ def attempt_with(target: Target, client: SmtpClient, settings: DeliverSettings, 
                          f"{settings.time_limit:g}s reached"), False
     try:
         sock = tordial.connect(host, port, settings.proxy, budget, settings.isolate)
-    except (OSError, SocksFailure, ValueError) as exc:
+    except (OSError, SocksError, ValueError) as exc:
         outcome = socks_outcome(exc, destination, settings.proxy, budget)
         return outcome, socks_may_try_next(exc, outcome)
     outcome = run_session(sock, client, settings, clock, host, domains)
@@ -521,8 +518,8 @@ def deliver(delivery: Delivery, message: bytes, settings: DeliverSettings,
     if host.endswith(".onion"):
         # checksum, key and version, as `torroute route` and tor do: a mistyped onion bounces
         # now, also on a SocksPort without ExtendedErrors (which would defer it until expiry)
-        from .errors import InvalidOnion
-        from .onion import parse_onion
+        from ..errors import InvalidOnion
+        from ..routing.onion import parse_onion
 
         try:
             onion = parse_onion(host).host

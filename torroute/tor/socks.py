@@ -4,7 +4,7 @@ Names are always sent to Tor (remote resolution): a ``.onion`` is never resolved
 replies, including the extended onion-service codes of ``SocksPort ... ExtendedErrors``, become
 exceptions that say whether retrying later can help.
 
-Why on :mod:`torroute.tordial` and not python-socks (bench/socks_dial.py, loopback SOCKS
+Why on :mod:`torroute.tor.dial` and not python-socks (bench/socks_dial.py, loopback SOCKS
 server, median of 5 x 1000 dials): the reply code comes from the codec instead of being parsed
 out of python-socks' error text; per dial CPU is 88 vs 96 us (sync) and 211 vs 207 us
 (asyncio); a fresh import costs 15 ms (tordial, most of it torroute's shared modules) vs 23 ms
@@ -19,39 +19,22 @@ import asyncio
 import re
 import socket
 
-from . import tordial
-from .config import HostPort, format_hostport
-from .errors import PermanentError, TemporaryError, TorrouteError, TorUnavailable
-from .onion import is_onion_name, parse_onion
-from .protocols.socks5 import SOCKS_REPLIES, Socks5RequestError, SocksFailure, describe
+from ..endpoint import HostPort, format_hostport
+from ..errors import (
+    PermanentSocksError,
+    SocksError,
+    TemporarySocksError,
+    TorrouteError,
+    TorUnavailable,
+)
+from ..protocols.socks5 import SOCKS_REPLIES, Socks5RequestError, socks_error
+from ..routing.onion import is_onion_name, parse_onion
+from . import dial as tordial
 
 __all__ = ["SOCKS_REPLIES", "SocksError", "TemporarySocksError", "PermanentSocksError",
            "socks_error", "reply_code", "dial", "adial"]
 
 _INVALID_REPLY = re.compile(r"reply code:?\s*0x([0-9a-f]{1,2})", re.IGNORECASE)
-
-
-class SocksError(TorrouteError):
-    """Tor refused or failed the connection; ``code`` is the SOCKS5 reply (None if none)."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class TemporarySocksError(SocksError, TemporaryError):
-    pass
-
-
-class PermanentSocksError(SocksError, PermanentError):
-    pass
-
-
-def socks_error(code: int | None, destination: str, detail: str = "") -> SocksError:
-    """The exception for a SOCKS5 reply code (unknown codes are temporary: defer, don't bounce)."""
-    message, temporary = describe(code, destination, detail)
-    cls = TemporarySocksError if temporary else PermanentSocksError
-    return cls(message, code)
 
 
 def reply_code(exc: BaseException) -> int | None:
@@ -84,8 +67,8 @@ def _translate(
 ) -> TorrouteError:
     if isinstance(exc, TimeoutError | socket.timeout):
         return TemporarySocksError(f"SOCKS connect to {destination} timed out after {timeout:g}s")
-    if isinstance(exc, SocksFailure):
-        return socks_error(exc.code, destination, str(exc))
+    if isinstance(exc, SocksError):
+        return exc
     if isinstance(exc, Socks5RequestError):
         return socks_error(None, destination, str(exc))
     return TorUnavailable(f"tor SocksPort {format_hostport(proxy)} unreachable: "
@@ -105,7 +88,7 @@ def dial(
     host = _check_destination(host, validate)
     try:
         return tordial.connect(host, port, proxy, timeout, isolate)
-    except (OSError, SocksFailure, Socks5RequestError) as exc:
+    except (OSError, SocksError, Socks5RequestError) as exc:
         raise _translate(exc, f"{host}:{port}", proxy, timeout) from exc
 
 
@@ -122,5 +105,5 @@ async def adial(
     host = _check_destination(host, validate)
     try:
         return await tordial.open_connection(host, port, proxy, timeout, isolate)
-    except (OSError, SocksFailure, Socks5RequestError) as exc:
+    except (OSError, SocksError, Socks5RequestError) as exc:
         raise _translate(exc, f"{host}:{port}", proxy, timeout) from exc

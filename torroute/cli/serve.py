@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .cli_options import global_options, routing_options, tor_options
+from .options import global_options, routing_options, tor_options
 
 ENDPOINT = "inet:HOST:PORT|unix:PATH"
 
@@ -66,15 +66,15 @@ def run(args: argparse.Namespace, config) -> int:
     import logging
     import sys
 
-    from . import exitcodes
-    from .cli_options import load_cli_config
-    from .server import (
+    from .. import exitcodes
+    from ..daemon.server import (
         LookupDaemon,
         ServeSettings,
         decision_line_writer,
         install_fast_logging,
         serve,
     )
+    from .options import load_cli_config
 
     overrides = serve_overrides(args)
     settings = ServeSettings.from_config(config, overrides=overrides)
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, config) -> int:
               file=sys.stderr)
         return exitcodes.USAGE
     if settings.log_decisions and not args.verbose:
-        logging.getLogger("torroute.server").setLevel(logging.INFO)
+        logging.getLogger("torroute.daemon.server").setLevel(logging.INFO)
     handler = install_fast_logging()
 
     def reload_config():

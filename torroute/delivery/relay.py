@@ -7,8 +7,9 @@ invalid), and 4xx for everything else (tor/SOCKS down, timeouts, no route any mo
 internal error), so Postfix stays the only queue and nothing is lost if the daemon dies.
 
 Routing: LMTP carries no nexthop, so every recipient is routed again with the daemon's own
-:class:`~torroute.routing.Router` (the decision Postfix just asked for is cached).  A recipient
-that no longer has an onion route is deferred: Postfix resolves it anew on the next attempt.
+:class:`~torroute.routing.router.Router` (the decision Postfix just asked for is cached).  A
+recipient that no longer has an onion route is deferred: Postfix resolves it anew on the next
+attempt.
 
 Speed: SMTP connections through tor are kept per onion for a short idle time and reused
 (``RSET`` pipelined before the next ``MAIL``), which saves the SOCKS/circuit set-up, greeting and
@@ -26,8 +27,22 @@ import logging
 import time
 from collections.abc import Callable
 
-from . import tordial
-from .deliver import (
+from ..errors import SocksError
+from ..protocols.lmtp import Transaction, rcpt_reply
+from ..protocols.smtp import (
+    BOUNCED,
+    DELIVERED,
+    Close,
+    Options,
+    Outcome,
+    Send,
+    SmtpClient,
+    StartTLS,
+    temporary,
+)
+from ..routing.router import NoRoute, Reject, Route, Router
+from ..tor import dial as tordial
+from .pipe import (
     DeliverSettings,
     after_earlier,
     envelope_sender,
@@ -40,20 +55,6 @@ from .deliver import (
     tls_check_peer,
     tls_context,
     tls_untrusted,
-)
-from .protocols.lmtp import Transaction, rcpt_reply
-from .protocols.socks5 import SocksFailure
-from .routing import NoRoute, Reject, Route, Router
-from .smtp import (
-    BOUNCED,
-    DELIVERED,
-    Close,
-    Options,
-    Outcome,
-    Send,
-    SmtpClient,
-    StartTLS,
-    temporary,
 )
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class Relay:
                 try:
                     reader, writer = await tordial.open_connection(
                         host, port, s.proxy, s.connect_timeout, s.isolate)
-                except (OSError, SocksFailure, ValueError, TimeoutError) as exc:
+                except (OSError, SocksError, ValueError, TimeoutError) as exc:
                     outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
                     return [outcome] * len(rcpts), socks_may_try_next(exc, outcome)
                 conn = _Conn(reader, writer)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import grp
-import ipaddress
 import logging
 import os
 import re
@@ -28,10 +27,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .automap import aresolve_automap
-from .config import Config, normalize_domain
-from .errors import ConfigError, TorrouteError
-from .protocols import (
+from ..config import Config, normalize_domain
+from ..endpoint import Endpoint
+from ..errors import ConfigError, TorrouteError
+from ..protocols import (
     DEFAULT_MAX_REQUEST,
     Lookup,
     Malformed,
@@ -44,7 +43,7 @@ from .protocols import (
     socketmap,
     tcptable,
 )
-from .routing import (
+from ..routing.router import (
     Decision,
     NoRoute,
     Reject,
@@ -54,9 +53,10 @@ from .routing import (
     decide_static,
     destination_domain,
 )
+from ..tor.automap import aresolve_automap
 
 if TYPE_CHECKING:
-    from .deliver import DeliverSettings
+    from ..delivery.pipe import DeliverSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,44 +67,6 @@ MEMO_SIZE = 50_000
 _NEEDS_DNS = object()
 
 # -- settings ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Endpoint:
-    """``inet:HOST:PORT`` or ``unix:PATH``."""
-
-    family: str  # "inet" | "unix"
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        kind, sep, rest = str(text).partition(":")
-        if kind == "unix" and sep and rest.startswith("/"):
-            return cls("unix", path=rest)
-        if kind == "inet" and sep:
-            host, sep2, port = rest.rpartition(":")
-            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-            if sep2 and host and port.isdigit() and 0 < int(port) < 65536:
-                return cls("inet", host=host, port=int(port))
-        raise ConfigError(f"listener {text!r}: expected inet:HOST:PORT or unix:/ABSOLUTE/PATH")
-
-    def is_loopback(self) -> bool:
-        if self.family == "unix":
-            return True
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False  # a host name: it could resolve to anything
-
-    def __str__(self) -> str:
-        if self.family == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"inet:{host}:{self.port}"
-
-
 @dataclass(frozen=True)
 class ServeSettings:
     """The ``[serve]`` table (see contrib/torroute.toml), with command-line overrides."""
@@ -532,12 +494,12 @@ LMTP_PENDING_LIMIT = 256 * 1024
 
 
 class LmtpService:
-    """What the LMTP sessions share: one :class:`torroute.relay.Relay` (its pool of tor
+    """What the LMTP sessions share: one :class:`torroute.delivery.relay.Relay` (its pool of tor
     connections) and the transactions being relayed."""
 
     def __init__(self, daemon: LookupDaemon) -> None:
-        from .deliver import DeliverSettings
-        from .relay import Relay
+        from ..delivery.pipe import DeliverSettings
+        from ..delivery.relay import Relay
 
         self.daemon = daemon
         s = daemon.settings
@@ -549,7 +511,7 @@ class LmtpService:
     def check(config: Config) -> DeliverSettings:
         """The ``[deliver]`` settings of ``config`` (raises ConfigError): checked before a
         reload commits, so a broken section keeps the whole old configuration."""
-        from .deliver import DeliverSettings
+        from ..delivery.pipe import DeliverSettings
 
         return DeliverSettings.from_config(config)
 

@@ -30,9 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, PermanentError, TemporaryError, TorUnavailable
-from .onion import onion_from_pubkey, parse_onion
+from ..config import Config
+from ..errors import (
+    ConfigError,
+    ControlAuthError,
+    ControlError,
+    DescriptorTimeout,
+    OnionNotFound,
+    OpenRelayRisk,
+    SaveConfError,
+    TorRefused,
+)
+from ..routing.onion import onion_from_pubkey, parse_onion
 from .torrc import (
     ONION_SUFFIX,
     HostPort,
@@ -47,50 +56,6 @@ Progress = Callable[[str], None]
 
 # --------------------------------------------------------------------------------------------
 # Errors
-
-
-class ControlError(TorUnavailable):
-    """Tor's control port cannot be reached or the connection broke (temporary: tor may be
-    restarting)."""
-
-
-class ControlAuthError(ConfigError):
-    """Connected, but cannot authenticate: wrong or missing password, unreadable cookie,
-    permission denied on the control socket.  Retrying will not help; the setup must change."""
-
-
-class TorRefused(PermanentError):
-    """Tor answered a command with an error (5xx): a bad value, a port it cannot bind..."""
-
-    def __init__(self, message: str, code: str = "", command: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.command = command
-
-
-class SaveConfError(ConfigError):
-    """SAVECONF failed: the change is active now but is lost when tor restarts."""
-
-
-class OnionNotFound(PermanentError):
-    """No onion service of this tor matches the given address or directory."""
-
-
-class OpenRelayRisk(ConfigError):
-    """The onion's SMTP port leads to an smtpd that (may) relay for 127.0.0.1."""
-
-    def __init__(self, message: str, verdicts: Sequence[RelayVerdict] = ()) -> None:
-        super().__init__(message)
-        self.verdicts = list(verdicts)
-
-
-class DescriptorTimeout(TemporaryError):
-    """Tor accepted the onion service but did not upload its descriptor in time (not connected
-    to the Tor network yet?).  The service exists; it is published once tor is online."""
-
-    def __init__(self, message: str, service: OnionService | None = None) -> None:
-        super().__init__(message)
-        self.service = service
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +73,7 @@ class ControlEndpoint:
     @classmethod
     def parse(cls, text: str) -> ControlEndpoint:
         """``unix:PATH``, ``inet:HOST:PORT``, ``/PATH``, ``HOST:PORT`` or ``PORT``."""
-        from .config import parse_hostport
+        from ..endpoint import parse_hostport
 
         text = text.strip()
         if text.startswith("unix:"):
@@ -534,7 +499,7 @@ def new_expanded_key() -> bytes:
 
 def address_from_expanded_key(key: bytes) -> str:
     """The onion address of an expanded secret key: the public key is ``a*B``."""
-    from .ed25519 import public_key_from_seed_scalar
+    from ..routing.ed25519 import public_key_from_seed_scalar
 
     if len(key) != 64:
         raise ConfigError("an ED25519-V3 onion key is 64 bytes")

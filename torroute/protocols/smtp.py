@@ -20,17 +20,14 @@ leading enhanced status code in the output wins):
 
 from __future__ import annotations
 
-from .exitcodes import OK, TEMPFAIL, UNAVAILABLE
+from ..errors import ProtocolError
+from ..exitcodes import OK, TEMPFAIL, UNAVAILABLE
 
 CRLF = b"\r\n"
 MAX_REPLY_BYTES = 1 << 20  # a reply larger than this is garbage, not SMTP
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
 EXIT_CODES = {DELIVERED: OK, DEFERRED: TEMPFAIL, BOUNCED: UNAVAILABLE}
-
-
-class ProtocolError(Exception):
-    """The remote sent something that is not an SMTP reply."""
 
 
 class _Record:

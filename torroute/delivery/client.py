@@ -2,8 +2,9 @@
 :class:`SMTP` (``smtplib.SMTP`` whose connection goes through tor).
 
 Why on the pipe program's core and not smtplib for :func:`send_message`: one SMTP client
-(:mod:`torroute.smtp`, pure) and one blocking driver (:func:`torroute.deliver.run_session` via
-:func:`~torroute.deliver.attempt_with`), so a library send and a Postfix delivery classify
+(:mod:`torroute.protocols.smtp`, pure) and one blocking driver
+(:func:`torroute.delivery.pipe.run_session` via
+:func:`~torroute.delivery.pipe.attempt_with`), so a library send and a Postfix delivery classify
 every reply, timeout and tor refusal the same way, and try the backup SRV targets the same
 way.  :class:`SMTP` is for code that wants smtplib's own interface; only its socket is ours.
 """
@@ -16,8 +17,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from email.message import Message
 
-from .config import Config, load_config
-from .deliver import (
+from ..config import Config, load_config
+from ..errors import InvalidOnion
+from ..protocols.smtp import BOUNCED, DEFERRED, Options, Outcome, SmtpClient
+from ..routing.onion import is_onion_name
+from ..routing.router import NoRoute, Reject, Route, TempFail
+from .pipe import (
     DeliverSettings,
     Target,
     _Clock,
@@ -27,10 +32,6 @@ from .deliver import (
     none_reached,
     recipient_domains,
 )
-from .errors import InvalidOnion
-from .onion import is_onion_name
-from .routing import NoRoute, Reject, Route, TempFail
-from .smtp import BOUNCED, DEFERRED, Options, Outcome, SmtpClient
 
 __all__ = ["SMTP", "SendResult", "send_message"]
 
@@ -144,7 +145,7 @@ def send_message(msg: Message | bytes | str, from_addr: str | None = None,
     onion route ... not sent"); a DNS failure ``deferred`` 4.4.3; an invalid onion ``bounced``
     5.1.2.  Raises ConfigError for an unusable configuration (a map that does not load),
     ValueError when no sender or recipient can be found."""
-    from .api import Router
+    from ..api import Router
 
     cfg = load_config() if config is None else config
     if isinstance(msg, Message):
@@ -201,7 +202,7 @@ class SMTP(smtplib.SMTP):
         super().__init__(host, port, local_hostname, timeout, source_address)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        from .api import dial
+        from ..api import dial
 
         if not is_onion_name(host):
             raise InvalidOnion(f"torroute.SMTP: {host!r} is not an .onion address (route a "

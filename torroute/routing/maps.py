@@ -36,8 +36,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import normalize_domain
-from .errors import InvalidOnion, MapError
+from ..config import normalize_domain
+from ..errors import InvalidOnion, MapError
 from .onion import is_v2_onion, parse_onion
 
 log = logging.getLogger(__name__)

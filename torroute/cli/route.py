@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from . import exitcodes
-from .cli_options import global_options, routing_options, tor_options
+from .. import exitcodes
+from .options import global_options, routing_options, tor_options
 
 
 def register(subparsers) -> None:
@@ -52,7 +52,7 @@ EXIT_FOR_KIND = {"route": exitcodes.OK, "noroute": exitcodes.NO_ROUTE,
 
 
 def run_route(args: argparse.Namespace, config) -> int:
-    from .routing import Router
+    from ..routing.router import Router
 
     if not args.destination.strip():
         print("torroute route: empty destination: give a domain or an address",
@@ -76,7 +76,7 @@ def run_route(args: argparse.Namespace, config) -> int:
 
 
 def run_resolve(args: argparse.Namespace, config) -> int:
-    from .automap import resolve_automap
+    from ..tor.automap import resolve_automap
 
     address = resolve_automap(args.onion, config.tor_dns, args.timeout, config.virtual_network)
     if args.json:
@@ -87,7 +87,7 @@ def run_resolve(args: argparse.Namespace, config) -> int:
 
 
 def run_dial(args: argparse.Namespace, config) -> int:
-    from .socks import dial
+    from ..tor.socks import dial
 
     with dial(args.host, args.port, proxy=config.tor_socks, timeout=args.timeout,
               isolate=args.isolate or config.isolate_streams) as sock:

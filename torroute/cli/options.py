@@ -88,7 +88,7 @@ def _flag_name(name: str) -> str:
 def load_cli_config(args: argparse.Namespace):
     """``load_config(--config)`` with the command-line flags applied last (flags win); a bad
     flag value is reported by its flag name."""
-    from .config import apply_overrides, load_config
+    from ..config import apply_overrides, load_config
 
     config = load_config(getattr(args, "config", None))
     overrides = config_overrides(args)

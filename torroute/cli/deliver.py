@@ -1,15 +1,16 @@
-"""``torroute deliver``: the Postfix pipe(8) delivery program (see torroute.deliver).
+"""``torroute deliver``: the Postfix pipe(8) delivery program (see torroute.delivery.pipe).
 
 Postfix bounces mail on any exit status but 0 and 75, so this command must never exit 64 (usage),
 78 (configuration) or 1 (a traceback): every failure of its own is printed as ``4.3.x ...`` and
 exits 75 (defer).  Its exit statuses: 0 delivered (and ``--help``), 75 deferred, 69 bounced.
 :func:`main` is a fast path that skips the other subcommands' modules (``cli.main`` can call it
 for ``argv[0] == "deliver"``); on the success path it imports only the standard library,
-torroute.cli_options and torroute.exitcodes (both tiny, standard library only),
-torroute.config, torroute.deliver, torroute.smtp and torroute.onion (the nexthop check).
+torroute.cli.options and torroute.exitcodes (both tiny, standard library only),
+torroute.config, torroute.delivery.pipe, torroute.protocols.smtp and torroute.routing.onion
+(the nexthop check).
 
 Its option groups: global (``--config``, ``-v``), routing (a failed SRV target is routed again
-for the backups: torroute.deliver.backup_targets), ``--tor-socks`` (the proxy) and its own.
+for the backups: torroute.delivery.pipe.backup_targets), ``--tor-socks`` (the proxy) and its own.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_options import global_options, routing_options, tor_options
-from .exitcodes import TEMPFAIL
+from ..exitcodes import TEMPFAIL
+from .options import global_options, routing_options, tor_options
 
 DESCRIPTION = (
     "Deliver one message (stdin) over SMTP to an onion MX through tor's SocksPort.  Meant for "
@@ -109,9 +110,9 @@ def execute(args: argparse.Namespace) -> int:
     """Read the message, deliver it, print the status line; never raises, never exits 1."""
     try:
         message = sys.stdin.buffer.read()  # first: Postfix must not see a broken pipe
-        from .cli_options import load_cli_config
-        from .deliver import OVERRIDABLE, DeliverSettings, Delivery, deliver
-        from .errors import ConfigError
+        from ..delivery.pipe import OVERRIDABLE, DeliverSettings, Delivery, deliver
+        from ..errors import ConfigError
+        from .options import load_cli_config
 
         try:
             config = load_cli_config(args)

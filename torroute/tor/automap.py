@@ -17,9 +17,9 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from .config import HostPort, format_hostport
-from .errors import AutomapError, TorUnavailable
-from .onion import parse_onion
+from ..endpoint import HostPort, format_hostport
+from ..errors import AutomapError, TorUnavailable
+from ..routing.onion import parse_onion
 
 DEFAULT_VIRTUAL_NETWORK = "127.192.0.0/10"
 

@@ -2,7 +2,7 @@
 
 For admins who manage ``/etc/tor/torrc`` with configuration management instead of letting
 ``torroute tor ensure`` / ``torroute onion create`` change tor through its control port.  The same
-:class:`PortMapping` type is used by :mod:`torroute.control` for ``HiddenServicePort`` and
+:class:`PortMapping` type is used by :mod:`torroute.tor.control` for ``HiddenServicePort`` and
 ``ADD_ONION Port=`` values.
 """
 
@@ -12,16 +12,11 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-HostPort = tuple[str, int]
+from ..endpoint import HostPort, format_hostport
 
 #: The suffix tor must automap for torroute (tor's default list is ".onion,.exit").
 ONION_SUFFIX = ".onion"
 DEFAULT_VIRTUAL_NETWORK = "127.192.0.0/10"
-
-
-def format_hostport(hp: HostPort) -> str:
-    host, port = hp
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

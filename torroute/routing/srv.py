@@ -12,7 +12,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import InvalidOnion
+from ..errors import InvalidOnion
 from .onion import parse_onion
 
 log = logging.getLogger(__name__)

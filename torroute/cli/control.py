@@ -1,6 +1,6 @@
 """``torroute tor ...``, ``torroute onion ...`` and ``torroute torrc``: tor's control port.
 
-Imports only the standard library at module level; stem and torroute.control are imported
+Imports only the standard library at module level; stem and torroute.tor.control are imported
 inside the commands.
 """
 
@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import exitcodes
-from .cli_options import global_options, tor_options
+from .. import exitcodes
+from .options import global_options, tor_options
 
 PORT_HELP = "VIRTPORT=TARGET, e.g. 25=127.0.0.1:2525 (repeatable; TARGET: PORT, IP:PORT or " \
             "unix:PATH)"
@@ -131,8 +131,8 @@ def _connect(args: argparse.Namespace, config):
 
     import stem.util.log  # noqa: F401  (it sets the level at import: set ours after)
 
-    from .control import Tor
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from ..tor.control import Tor
 
     # stem sets its logger to TRACE, so its INFO chatter (e.g. after tor closed a connection)
     # would pass torroute's WARNING level: quiet it unless -vv
@@ -187,7 +187,7 @@ def run_status(args: argparse.Namespace, config) -> int:
 
 
 def run_ensure(args: argparse.Namespace, config) -> int:
-    from .control import setconf_command
+    from ..tor.control import setconf_command
 
     with _connect(args, config) as tor:
         result = tor.ensure(config, save=args.save, dry_run=args.dry_run)
@@ -236,8 +236,8 @@ def _service_line(service) -> str:
 
 
 def run_create(args: argparse.Namespace, config) -> int:
-    from .control import DescriptorTimeout
-    from .errors import ConfigError
+    from ..errors import ConfigError
+    from ..tor.control import DescriptorTimeout
 
     if args.key_file and not args.ephemeral:
         raise ConfigError("--key-file goes with --ephemeral")
@@ -286,7 +286,7 @@ def run_remove(args: argparse.Namespace, config) -> int:
 
 
 def run_address(args: argparse.Namespace, config) -> int:
-    from .control import directory_address, key_file_address
+    from ..tor.control import directory_address, key_file_address
 
     if args.dir:
         print(directory_address(Path(args.dir)))
@@ -303,8 +303,8 @@ def run_address(args: argparse.Namespace, config) -> int:
 
 
 def run_torrc(args: argparse.Namespace, config) -> int:
-    from .errors import ConfigError
-    from .torrc import parse_port_mapping, render
+    from ..errors import ConfigError
+    from ..tor.torrc import parse_port_mapping, render
 
     try:
         ports = [parse_port_mapping(p) for p in args.onion_ports or []]

@@ -1,0 +1,1 @@
+"""The lookup daemon: settings, answers, lookup and LMTP sessions, lifecycle, logging."""

@@ -1,0 +1,1 @@
+"""Where mail goes: onion addresses, pinned maps, SRV ordering, the router and its decisions."""
