@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import email
+import importlib
 import subprocess
 import sys
 from email.message import EmailMessage
@@ -41,7 +42,7 @@ def test_all_is_exactly_the_public_names_and_each_resolves() -> None:
         assert getattr(torroute, name) is not None
     assert issubclass(torroute.InvalidOnion, torroute.PermanentError)
     assert issubclass(torroute.TorUnavailable, torroute.TemporaryError)
-    assert torroute.Route is __import__("torroute.routing.router").routing.Route
+    assert torroute.Route is importlib.import_module("torroute.routing.router").Route
     with pytest.raises(AttributeError):
         torroute.deliver_settings  # noqa: B018 - not public
     assert set(torroute.__all__) <= set(dir(torroute))
