@@ -9,7 +9,8 @@ time of each variant (``python -X importtime``, everything imported after interp
     /opt/torroute/bin/python bench/deliver_coldstart.py [--runs 40]
 
 Variants:
-  torroute deliver        /opt/torroute/bin/torroute deliver ...  (cli.main as it is)
+  torroute deliver        /opt/torroute/bin/torroute deliver ...  (cli.main as it is; the
+                          tree's code: PYTHONPATH is this checkout)
   fast path               python -m torroute.cli.deliver ...      (what cli.main does if it
                           hands argv[0] == "deliver" straight to torroute.cli.deliver.main)
   floor                   hand SOCKS5 + smtplib
@@ -28,14 +29,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from fixtures_postfix import FakeSocksServer, SmtpSink  # noqa: E402
+from support.fakes import FakeSocksServer  # noqa: E402
+
+from torroute.testing.sink import MaildirSink  # noqa: E402
 
 PYTHON = "/opt/torroute/bin/python3"
 TORROUTE = "/opt/torroute/bin/torroute"
 ONION = "2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion"
-ENV = {"PATH": "/usr/bin:/bin"}
+# pipe(8)'s environment, plus this tree first on sys.path: the bench measures the checkout it
+# is in, not the installed copy (PYTHONPATH precedes site-packages, also for the console script)
+ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
 MESSAGE = (b"From: a@origin.test\nTo: b@example.test\nSubject: cold start\n"
            b"Message-ID: <x@origin.test>\n\n" + b"body line\n" * 200)
 
@@ -94,7 +99,7 @@ def import_ms(cmd: list[str]) -> tuple[float, float]:
 
 def serve() -> None:
     """The far end, in its own process so it does not compete with the timing loop."""
-    sink = SmtpSink().start()
+    sink = MaildirSink().start()
     socks = FakeSocksServer(sink.address)  # fake: loopback SOCKS5 relay standing in for tor
     print(socks.port, flush=True)
     sys.stdin.read()  # until the bench closes our stdin
@@ -124,6 +129,10 @@ def main() -> None:
     if opts.serve:
         return serve()
     compileall.compile_dir(str(REPO / "torroute"), quiet=1)  # as an installed package would be
+    measured = subprocess.run([PYTHON, "-c", "import torroute; print(torroute.__file__)"],
+                              env=ENV, cwd="/", capture_output=True, text=True).stdout.strip()
+    if not measured.startswith(str(REPO)):
+        raise SystemExit(f"the variants would import {measured}, not {REPO}/torroute")
 
     socks = Far()
     floor_dir = Path(tempfile.mkdtemp(prefix="torroute-bench-"))
@@ -162,7 +171,7 @@ def main() -> None:
         delivered = socks.close()
     floor_median = statistics.median(times["floor"])
     print(f"cold start, {opts.runs} interleaved runs each, {delivered} messages delivered "
-          f"(loopback SOCKS5 -> aiosmtpd), {os.cpu_count()} CPUs")
+          f"(loopback SOCKS5 -> aiosmtpd), {os.cpu_count()} CPUs, torroute from {measured}")
     print(f"{'variant':<20}{'median ms':>10}{'p90 ms':>9}{'x floor':>9}{'imports ms':>12}"
           f"{'(site)':>8}")
     print("imports: median of 7 `python -X importtime` runs, all top-level imports after "

@@ -36,8 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from onions import make_onion  # noqa: E402  (tests/onions.py: valid v3 addresses)
-from realparts import Dnsmasq, SrvRecord, free_port  # noqa: E402
+from support.onions import make_onion  # noqa: E402  (tests/support/onions.py: valid v3 addresses)
+from torroute.testing.dnsmasq import Dnsmasq, SrvRecord  # noqa: E402
+from torroute.testing.ports import free_port  # noqa: E402
 
 SHIM = '''\
 # bench/lookup.py: shim for onionrouter 0.6.2 under PyYAML 6 (yaml.load needs a Loader)

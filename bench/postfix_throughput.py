@@ -32,11 +32,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from fixtures_postfix import PostfixInstance, SmtpSink  # noqa: E402
-from realparts import Dnsmasq  # noqa: E402
+from support.pipe import TORROUTE  # noqa: E402  (this checkout's torroute, as pipe runs it)
+from support.postfix import PostfixInstance  # noqa: E402
 
+from torroute.testing.dnsmasq import Dnsmasq  # noqa: E402
+from torroute.testing.sink import ESMTP_FULL  # noqa: E402
+from torroute.testing.sink import MaildirSink as SmtpSink  # noqa: E402
 from torroute.testing.testnet import PrivateNetwork  # noqa: E402
 
 DOMAIN = "bench.test"
@@ -54,7 +57,7 @@ def wait_socket(path: Path, proc: subprocess.Popen, timeout: float = 20) -> None
 class Variant:
     def __init__(self, name: str, transport_maps: str, master_extra: str = "",
                  wrappers: dict[str, str] | None = None, deliver_config: str = "",
-                 deliver_command: str = "/opt/torroute/bin/torroute deliver",
+                 deliver_command: str = f"{TORROUTE} deliver",
                  main_extra: str = "") -> None:
         self.name = name
         self.deliver_command = deliver_command
@@ -162,7 +165,7 @@ def relay_prototype(socket_path: str, socks: str, routes: list[str]) -> None:
     from aiosmtpd.lmtp import LMTP
 
     from torroute.protocols.smtp import Close, Options, Send, SmtpClient
-    from torroute.tor.socks import adial
+    from torroute.tor.dial import adial
 
     proxy = (socks.rsplit(":", 1)[0], int(socks.rsplit(":", 1)[1]))
     table = {d: o for d, o in (r.split("=", 1) for r in routes)}
@@ -225,8 +228,8 @@ def main() -> None:
                                opts.relay_prototype[2:])
     root = Path(tempfile.mkdtemp(prefix="torroute-bench-"))
     root.chmod(0o755)
-    sink = SmtpSink().start()
-    clear = SmtpSink().start()
+    sink = SmtpSink(**ESMTP_FULL).start()  # as Postfix's test sinks: SMTPUTF8, PIPELINING
+    clear = SmtpSink(**ESMTP_FULL).start()
     net = PrivateNetwork(root / "net", {25: sink.address},
                          progress=lambda msg: print(f"testnet: {msg}", file=sys.stderr))
     serve: subprocess.Popen | None = None
@@ -279,7 +282,8 @@ def main() -> None:
                     deliver_config=conf.read_text()),
             Variant("torroute (fast path)", f"socketmap:unix:{sock}:transport",
                     deliver_config=conf.read_text(),
-                    deliver_command="/opt/torroute/bin/python3 -m torroute.cli.deliver"),
+                    deliver_command=f"/usr/bin/env PYTHONPATH={REPO} /opt/torroute/bin/python3 "
+                                    "-m torroute.cli.deliver"),
             Variant("torroute lmtp", f"socketmap:unix:{sock_lmtp}:transport", lmtp_service),
             Variant("relay prototype (lmtp)", f"inline:{{{DOMAIN}=lmtp:unix:{relay_sock}}}"),
             Variant("torsocks (published)", smtptor,

@@ -1,7 +1,7 @@
 """SOCKS5 dial through a loopback SOCKS server: torroute's codec + drivers (torroute.tor.dial)
 against python-socks, per dial (client CPU, process_time) and at import (fresh process).
 
-The server (tests/fixtures_postfix.FakeSocksServer, in a child process so its threads do not
+The server (tests/support/fakes.FakeSocksServer, in a child process so its threads do not
 count) answers every CONNECT with one reply code and closes: 0x00 (success) or 0xF0 (tor's
 "descriptor not found").  No tor: this measures the client, not the network.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 ONION = "2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion"
 SERVER = (
     "import sys, time; sys.path.insert(0, %r)\n"
-    "from fixtures_postfix import FakeSocksServer\n"
+    "from support.fakes import FakeSocksServer\n"
     "s = FakeSocksServer(); s.reply = int(sys.argv[1]); print(s.port, flush=True)\n"
     "sys.stdin.read()\n"
 )
@@ -53,7 +53,7 @@ def pysocks_sync(proxy: tuple[str, int]) -> None:
         Proxy(ProxyType.SOCKS5, proxy[0], proxy[1], rdns=True).connect(ONION, 25, timeout=10)\
             .close()
     except ProxyError as exc:
-        from torroute.tor.socks import reply_code
+        from torroute.tor.dial import reply_code
 
         reply_code(exc)
 
@@ -79,7 +79,7 @@ async def pysocks_async(proxy: tuple[str, int]) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)  # what adial returned
         writer.close()
     except ProxyError as exc:
-        from torroute.tor.socks import reply_code
+        from torroute.tor.dial import reply_code
 
         reply_code(exc)
 

@@ -58,8 +58,10 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from onions import ONION_A, ONION_B, ONION_C
-from realparts import SrvRecord, free_port, wait_tcp
+from support.onions import ONION_A, ONION_B, ONION_C
+
+from torroute.testing.dnsmasq import SrvRecord
+from torroute.testing.ports import free_port, wait_tcp
 
 SIGNED = "dnssec.test"
 INSECURE = "insecure.dnssec.test"  # delegated from SIGNED without a DS record

@@ -1,6 +1,6 @@
 """The public entry points that need settings, each with ``config=`` (default: :func:`load_config`).
 
-Why thin wrappers over :mod:`torroute.routing.router`, :mod:`torroute.tor.socks` and
+Why thin wrappers over :mod:`torroute.routing.router`, :mod:`torroute.tor.dial` and
 :mod:`torroute.tor.automap` instead of new code: one implementation per job.  They only take the
 proxy, DNSPort, timeouts and isolation from the :class:`~torroute.config.Config`, so a tool
 author learns one convention: ``config=``.
@@ -47,10 +47,10 @@ def dial(host: str, port: int, *, config: Config | None = None, timeout: float |
     set on the socket; ``isolate`` (default ``isolate_streams``) asks for circuits of its own.
     Raises a :class:`TemporaryError` (tor down, onion unreachable now) or a
     :class:`PermanentError` (tor's 0xF4..0xF6: a bad address or auth)."""
-    from .tor.socks import dial as socks_dial
+    from .tor.dial import dial as tor_dial
 
     cfg = _config(config)
-    return socks_dial(host, port, proxy=cfg.tor_socks,
+    return tor_dial(host, port, proxy=cfg.tor_socks,
                       timeout=cfg.socks_timeout if timeout is None else timeout,
                       isolate=cfg.isolate_streams if isolate is None else isolate)
 
@@ -59,7 +59,7 @@ async def open_connection(host: str, port: int, *, config: Config | None = None,
                           timeout: float | None = None, isolate: bool | str | None = None,
                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """:func:`dial` for asyncio: ``(reader, writer)`` like :func:`asyncio.open_connection`."""
-    from .tor.socks import adial
+    from .tor.dial import adial
 
     cfg = _config(config)
     return await adial(host, port, proxy=cfg.tor_socks,

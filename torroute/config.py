@@ -17,6 +17,8 @@ from .endpoint import HostPort, parse_hostport
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/torroute/torroute.toml")
+
+
 @dataclass
 class Config:
     """Everything the routing core and the tor clients need; other modules read their own tables
@@ -54,67 +56,157 @@ class Config:
         return value
 
 
-# TOML table.key -> Config attribute
-_TOML_KEYS: dict[tuple[str, str], str] = {
-    ("routing", "maps"): "maps",
-    ("routing", "nameservers"): "nameservers",
-    ("routing", "local_domains"): "local_domains",
-    ("routing", "ignore_domains"): "ignore_domains",
-    ("routing", "require_dnssec"): "require_dnssec",
-    ("routing", "dns_timeout"): "dns_timeout",
-    ("routing", "srv_service"): "srv_service",
-    ("routing", "cache_size"): "cache_size",
-    ("routing", "negative_ttl"): "negative_ttl",
-    ("routing", "max_ttl"): "max_ttl",
-    ("routing", "default_port"): "default_port",
-    ("routing", "v2_pins"): "v2_pins",
-    ("tor", "socks"): "tor_socks",
-    ("tor", "dns"): "tor_dns",
-    ("tor", "control"): "tor_control",
-    ("tor", "control_password"): "tor_control_password",
-    ("tor", "virtual_network"): "virtual_network",
-    ("tor", "socks_timeout"): "socks_timeout",
-    ("tor", "isolate_streams"): "isolate_streams",
-}
+# -- settings tables: one schema helper for Config, [serve] and [deliver] ---------------------
+#: A setting's check: the TOML value -> the value to use.  It raises ConfigError, ValueError or
+#: TypeError saying only what is wrong with the value; :class:`Section` names file and key.
+Coercer = Callable[[Any], Any]
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
+class Section:
+    """The schema of one TOML table: key -> coercer, or key -> (attribute, coercer) when the
+    attribute it sets has another name (``[tor] socks`` -> ``tor_socks``).
+
+    Why one helper: every table is read the same way, so every mistake reads the same:
+    ``FILE: unknown setting serve.nonsense``, ``FILE: routing.dns_timeout: must be positive``.
+    Defaults stay with the class the values go to (a dataclass's fields); :meth:`read`
+    returns only the keys the file sets.
+    """
+
+    def __init__(self, name: str, keys: dict[str, Coercer | tuple[str, Coercer]]) -> None:
+        self.name = name
+        self.keys: dict[str, tuple[str, Coercer]] = {
+            key: spec if isinstance(spec, tuple) else (key, spec) for key, spec in keys.items()
+        }
+        self.attributes: dict[str, Coercer] = dict(self.keys.values())
+
+    def read(self, config: Config, source: str | None = None) -> dict[str, Any]:
+        """{attribute: checked value} for each key ``[name]`` of ``config`` sets; ``source``
+        names the file in errors (default ``config.path``)."""
+        where = source or str(config.path or "config")
+        table = config.raw.get(self.name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{self.name}] must be a table")
+        unknown = sorted(set(table) - set(self.keys))
+        if unknown:
+            names = ", ".join(f"{self.name}.{key}" for key in unknown)
+            raise ConfigError(f"{where}: unknown setting{'s' if len(unknown) > 1 else ''} {names}")
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            attr, coerce = self.keys[key]
+            values[attr] = checked(coerce, value, f"{where}: {self.name}.{key}")
+        return values
+
+    def coerce(self, attr: str, value: Any, label: str) -> Any:
+        """One value for attribute ``attr`` from elsewhere (a keyword, a flag named ``label``)."""
+        return checked(self.attributes[attr], value, label)
+
+
+def checked(coerce: Coercer, value: Any, label: str) -> Any:
     try:
-        if name == "maps":
-            return [Path(v) for v in _as_list(value)]
-        if name == "nameservers":
-            return [parse_hostport(str(v), 53) for v in _as_list(value)]
-        if name in ("local_domains", "ignore_domains"):
-            return [domain_pattern(str(v)) for v in _as_list(value)]
-        if name in ("tor_socks", "tor_dns"):
-            return parse_hostport(str(value))
-        if name in ("require_dnssec", "isolate_streams"):
-            if not isinstance(value, bool):
-                raise ConfigError("expected true or false")
-            return value
-        if name in ("dns_timeout", "socks_timeout"):
-            number = float(value)
-            if number <= 0:
-                raise ConfigError("must be positive")
-            return number
-        if name in ("cache_size", "negative_ttl", "max_ttl", "default_port"):
-            number = int(value)
-            if number < 0 or (name == "default_port" and not 0 < number < 65536):
-                raise ConfigError("out of range")
-            return number
-        if name == "v2_pins":
-            if value not in ("unpinned", "defer"):
-                raise ConfigError("expected \"unpinned\" or \"defer\"")
-            return value
-        return str(value)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        return coerce(value)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+
+
+# the coercers the tables share
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError("expected true or false")
+    return value
+
+
+def positive(value: Any) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ConfigError("must be positive")
+    return number
+
+
+def seconds(value: Any) -> float:
+    """A strict positive number (no strings, no booleans)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError("expected a positive number of seconds")
+    return float(value)
+
+
+def text(value: Any) -> str:
+    """A strict string (``str`` converts anything, ``text`` refuses what is not one)."""
+    if not isinstance(value, str):
+        raise ConfigError("expected a string")
+    return value
+
+
+def count(value: Any) -> int:
+    number = int(value)
+    if number < 0:
+        raise ConfigError("out of range")
+    return number
+
+
+def port(value: Any) -> int:
+    number = int(value)
+    if not 0 < number < 65536:
+        raise ConfigError("out of range")
+    return number
+
+
+def choice(*options: str) -> Coercer:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ConfigError("expected " + " or ".join(f'"{o}"' for o in options))
+        return value
+
+    return check
 
 
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _paths(value: Any) -> list[Path]:
+    return [Path(v) for v in _as_list(value)]
+
+
+def _nameservers(value: Any) -> list[HostPort]:
+    return [parse_hostport(str(v), 53) for v in _as_list(value)]
+
+
+def _domain_patterns(value: Any) -> list[str]:
+    return [domain_pattern(str(v)) for v in _as_list(value)]
+
+
+def _hostport(value: Any) -> HostPort:
+    return parse_hostport(str(value))
+
+
+ROUTING = Section("routing", {
+    "maps": _paths,
+    "nameservers": _nameservers,
+    "local_domains": _domain_patterns,
+    "ignore_domains": _domain_patterns,
+    "require_dnssec": boolean,
+    "dns_timeout": positive,
+    "srv_service": str,
+    "cache_size": count,
+    "negative_ttl": count,
+    "max_ttl": count,
+    "default_port": port,
+    "v2_pins": choice("unpinned", "defer"),
+})
+TOR = Section("tor", {
+    "socks": ("tor_socks", _hostport),
+    "dns": ("tor_dns", _hostport),
+    "control": ("tor_control", str),
+    "control_password": ("tor_control_password", str),
+    "virtual_network": str,
+    "socks_timeout": positive,
+    "isolate_streams": boolean,
+})
+#: the tables Config itself reads
+CONFIG_SECTIONS: tuple[Section, ...] = (ROUTING, TOR)
+_CONFIG_ATTRIBUTES: dict[str, Section] = {
+    attr: section for section in CONFIG_SECTIONS for attr in section.attributes
+}
 
 
 def normalize_domain(domain: str) -> str:
@@ -157,7 +249,7 @@ def default_config_path() -> tuple[Path, bool]:
 
 
 #: load_config's keyword overrides: the Config attributes a TOML key sets
-OVERRIDE_KEYS: frozenset[str] = frozenset(_TOML_KEYS.values())
+OVERRIDE_KEYS: frozenset[str] = frozenset(_CONFIG_ATTRIBUTES)
 #: the tables other modules read through Config.section (given whole, checked by their reader)
 OTHER_TABLES: tuple[str, ...] = ("deliver", "serve")
 
@@ -192,16 +284,9 @@ def load_config(path: Path | str | None = None, **overrides: Any) -> Config:
             raise ConfigError(f"config file {cfg_path}: {exc}") from None
         config.path = cfg_path
     config.raw = data
-    known_tables = {table for table, _ in _TOML_KEYS}
-    for table in known_tables:
-        section = data.get(table, {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"{cfg_path}: [{table}] must be a table")
-        for key, value in section.items():
-            attr = _TOML_KEYS.get((table, key))
-            if attr is None:
-                raise ConfigError(f"{cfg_path}: unknown setting {table}.{key}")
-            setattr(config, attr, _coerce(attr, value, f"{cfg_path}: {table}.{key}"))
+    for section in CONFIG_SECTIONS:
+        for attr, value in section.read(config, str(cfg_path)).items():
+            setattr(config, attr, value)
     if config.path is not None:  # relative map paths are relative to the config file
         config.maps = [config.path.parent / p for p in config.maps]
     if overrides:
@@ -220,7 +305,7 @@ def apply_overrides(config: Config, overrides: dict[str, Any],
     ``where`` names a setting in error messages (the CLI: its flag)."""
     for name, value in overrides.items():
         if name in OVERRIDE_KEYS:
-            setattr(config, name, _coerce(name, value, where(name)))
+            setattr(config, name, _CONFIG_ATTRIBUTES[name].coerce(name, value, where(name)))
         elif name in OTHER_TABLES and isinstance(value, dict):
             # a table other modules read and check through Config.section
             config.raw = {**config.raw, name: dict(value)}

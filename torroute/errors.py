@@ -7,10 +7,7 @@ bounce.  Nothing in torroute turns a temporary failure into a clear-net delivery
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .tor.control import OnionService, RelayVerdict
+from typing import Any
 
 
 class TorrouteError(Exception):
@@ -113,7 +110,7 @@ class OnionNotFound(PermanentError):
 class OpenRelayRisk(ConfigError):
     """The onion's SMTP port leads to an smtpd that (may) relay for 127.0.0.1."""
 
-    def __init__(self, message: str, verdicts: Sequence[RelayVerdict] = ()) -> None:
+    def __init__(self, message: str, verdicts: Sequence[Any] = ()) -> None:
         super().__init__(message)
         self.verdicts = list(verdicts)
 
@@ -122,7 +119,7 @@ class DescriptorTimeout(TemporaryError):
     """Tor accepted the onion service but did not upload its descriptor in time (not connected
     to the Tor network yet?).  The service exists; it is published once tor is online."""
 
-    def __init__(self, message: str, service: OnionService | None = None) -> None:
+    def __init__(self, message: str, service: Any = None) -> None:
         super().__init__(message)
         self.service = service
 

@@ -187,7 +187,7 @@ def run_status(args: argparse.Namespace, config) -> int:
 
 
 def run_ensure(args: argparse.Namespace, config) -> int:
-    from ..tor.control import setconf_command
+    from ..protocols.control import setconf_command
 
     with _connect(args, config) as tor:
         result = tor.ensure(config, save=args.save, dry_run=args.dry_run)
@@ -236,8 +236,7 @@ def _service_line(service) -> str:
 
 
 def run_create(args: argparse.Namespace, config) -> int:
-    from ..errors import ConfigError
-    from ..tor.control import DescriptorTimeout
+    from ..errors import ConfigError, DescriptorTimeout
 
     if args.key_file and not args.ephemeral:
         raise ConfigError("--key-file goes with --ephemeral")
@@ -286,7 +285,7 @@ def run_remove(args: argparse.Namespace, config) -> int:
 
 
 def run_address(args: argparse.Namespace, config) -> int:
-    from ..tor.control import directory_address, key_file_address
+    from ..tor.onion_service import directory_address, key_file_address
 
     if args.dir:
         print(directory_address(Path(args.dir)))

@@ -6,8 +6,9 @@ exits 75 (defer).  Its exit statuses: 0 delivered (and ``--help``), 75 deferred,
 :func:`main` is a fast path that skips the other subcommands' modules (``cli.main`` can call it
 for ``argv[0] == "deliver"``); on the success path it imports only the standard library,
 torroute.cli.options and torroute.exitcodes (both tiny, standard library only),
-torroute.config, torroute.delivery.pipe, torroute.protocols.smtp and torroute.routing.onion
-(the nexthop check).
+torroute.config, torroute.delivery (pipe, settings, session, targets, envelope, tls: no
+asyncio, no dnspython, no ssl without STARTTLS), torroute.protocols.smtp and socks5,
+torroute.tor.dial and torroute.routing.onion (the nexthop check).
 
 Its option groups: global (``--config``, ``-v``), routing (a failed SRV target is routed again
 for the backups: torroute.delivery.pipe.backup_targets), ``--tor-socks`` (the proxy) and its own.
@@ -110,7 +111,8 @@ def execute(args: argparse.Namespace) -> int:
     """Read the message, deliver it, print the status line; never raises, never exits 1."""
     try:
         message = sys.stdin.buffer.read()  # first: Postfix must not see a broken pipe
-        from ..delivery.pipe import OVERRIDABLE, DeliverSettings, Delivery, deliver
+        from ..delivery.pipe import Delivery, deliver
+        from ..delivery.settings import OVERRIDABLE, DeliverSettings
         from ..errors import ConfigError
         from .options import load_cli_config
 

@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..endpoint import format_hostport as hostport
 from ..testing.sink import MaildirSink
-from ..testing.testnet import PrivateNetwork, free_ports, hostport
+from ..testing.testnet import PrivateNetwork, free_ports
 
 SRV_DOMAIN = "example.test"
 PINNED_DOMAIN = "pinned.test"
@@ -47,7 +48,7 @@ class TorSMTP(smtplib.SMTP):
         super().__init__(**kwargs)
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        from ..tor.socks import dial
+        from ..tor.dial import dial
 
         return dial(host, port, proxy=self.proxy, timeout=timeout)
 

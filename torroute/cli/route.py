@@ -87,7 +87,7 @@ def run_resolve(args: argparse.Namespace, config) -> int:
 
 
 def run_dial(args: argparse.Namespace, config) -> int:
-    from ..tor.socks import dial
+    from ..tor.dial import dial
 
     with dial(args.host, args.port, proxy=config.tor_socks, timeout=args.timeout,
               isolate=args.isolate or config.isolate_streams) as sock:

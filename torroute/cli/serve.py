@@ -67,13 +67,9 @@ def run(args: argparse.Namespace, config) -> int:
     import sys
 
     from .. import exitcodes
-    from ..daemon.server import (
-        LookupDaemon,
-        ServeSettings,
-        decision_line_writer,
-        install_fast_logging,
-        serve,
-    )
+    from ..daemon.logs import decision_line_writer, install_fast_logging
+    from ..daemon.service import LookupDaemon, serve
+    from ..daemon.settings import ServeSettings
     from .options import load_cli_config
 
     overrides = serve_overrides(args)
@@ -84,7 +80,7 @@ def run(args: argparse.Namespace, config) -> int:
               file=sys.stderr)
         return exitcodes.USAGE
     if settings.log_decisions and not args.verbose:
-        logging.getLogger("torroute.daemon.server").setLevel(logging.INFO)
+        logging.getLogger("torroute.daemon").setLevel(logging.INFO)  # every daemon module
     handler = install_fast_logging()
 
     def reload_config():

@@ -66,14 +66,9 @@ def run(args: argparse.Namespace, config) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from ..testing.testnet import (
-        STATE_FILE,
-        PrivateNetwork,
-        TestnetError,
-        UnsafeTorrc,
-        parse_onion_port,
-        remove_directory,
-    )
+    from ..errors import TestnetError, UnsafeTorrc
+    from ..testing.testnet import PrivateNetwork, parse_onion_port
+    from ..testing.testnet_state import STATE_FILE, remove_directory
 
     ports: dict[int, tuple[str, int]] = {}
     try:
@@ -140,7 +135,7 @@ def _print_info(info: dict) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ..testing.testnet import status
+    from ..testing.testnet_state import status
 
     try:
         data = status(args.dir)
@@ -161,7 +156,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from ..testing.testnet import down
+    from ..testing.testnet_state import down
 
     try:
         stopped = down(args.dir, keep=args.keep)

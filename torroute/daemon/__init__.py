@@ -1,1 +1,2 @@
-"""The lookup daemon: settings, answers, lookup and LMTP sessions, lifecycle, logging."""
+"""The lookup daemon, in data-path order: settings (``[serve]``), lookup connections and their
+answers, LMTP sessions, the service (listeners, reload, signals, systemd), logging."""

@@ -2,11 +2,12 @@
 :class:`SMTP` (``smtplib.SMTP`` whose connection goes through tor).
 
 Why on the pipe program's core and not smtplib for :func:`send_message`: one SMTP client
-(:mod:`torroute.protocols.smtp`, pure) and one blocking driver
-(:func:`torroute.delivery.pipe.run_session` via
-:func:`~torroute.delivery.pipe.attempt_with`), so a library send and a Postfix delivery classify
-every reply, timeout and tor refusal the same way, and try the backup SRV targets the same
-way.  :class:`SMTP` is for code that wants smtplib's own interface; only its socket is ours.
+(:mod:`torroute.protocols.smtp`, pure), one blocking driver
+(:func:`torroute.delivery.session.attempt_with`) and one target plan
+(:class:`torroute.delivery.targets.TargetPlan`), so a library send and a Postfix delivery
+classify every reply, timeout and tor refusal the same way, and try the backup SRV targets the
+same way.  :class:`SMTP` is for code that wants smtplib's own interface; only its socket is
+ours.
 """
 
 from __future__ import annotations
@@ -19,19 +20,13 @@ from email.message import Message
 
 from ..config import Config, load_config
 from ..errors import InvalidOnion
-from ..protocols.smtp import BOUNCED, DEFERRED, Options, Outcome, SmtpClient
+from ..protocols.smtp import BOUNCED, DEFERRED, Outcome, SmtpClient
 from ..routing.onion import is_onion_name
 from ..routing.router import NoRoute, Reject, Route, TempFail
-from .pipe import (
-    DeliverSettings,
-    Target,
-    _Clock,
-    after_earlier,
-    attempt_with,
-    envelope_sender,
-    none_reached,
-    recipient_domains,
-)
+from .envelope import envelope_sender, recipient_domains
+from .session import Clock, attempt_with
+from .settings import DeliverSettings
+from .targets import Target, TargetPlan
 
 __all__ = ["SMTP", "SendResult", "send_message"]
 
@@ -108,24 +103,18 @@ def _deliver_group(targets: Sequence[Target], sender: bytes, recipients: list[st
                    data: bytes, settings: DeliverSettings) -> list[Outcome]:
     """One message to the recipients that share an onion MX: its targets in RFC 2782 order,
     the next only after a failure before MAIL (deliver's rule); one outcome per recipient."""
-    clock = _Clock(settings.time_limit)
+    clock = Clock(settings.time_limit)
     raw = [r.encode("utf-8") for r in recipients]
     domains = recipient_domains(recipients) if settings.tls_verify else []
-    failures: list[Outcome] = []
-    for host, port in targets:
-        if failures and clock.left() <= 0:
-            break
-        options = Options(ehlo_name=settings.ehlo_name, starttls=settings.starttls,
-                          pipelining=settings.pipelining, destination=f"{host}:{port}",
-                          per_recipient=True)
+    plan = TargetPlan(targets, len(raw))
+    while (target := plan.next(clock.left())) is not None:
+        options = settings.client_options(f"{target[0]}:{target[1]}", per_recipient=True)
         client = SmtpClient(sender, raw, data, options)
-        outcome, again = attempt_with((host, port), client, settings, clock, domains)
-        if not again:
-            each = client.recipient_outcomes() if client.outcome is not None else \
-                [outcome] * len(raw)
-            return [after_earlier(o, failures) for o in each]
-        failures.append(outcome)
-    return [none_reached(failures)] * len(raw)
+        outcome, may_try_next = attempt_with(target, client, settings, clock, domains)
+        # the client's own per-recipient outcomes, unless it never ran (tor refused the dial)
+        each = client.recipient_outcomes() if client.outcome is not None else [outcome] * len(raw)
+        plan.record(each, may_try_next)
+    return plan.outcomes()
 
 
 def send_message(msg: Message | bytes | str, from_addr: str | None = None,

@@ -29,33 +29,14 @@ from collections.abc import Callable
 
 from ..errors import SocksError
 from ..protocols.lmtp import Transaction, rcpt_reply
-from ..protocols.smtp import (
-    BOUNCED,
-    DELIVERED,
-    Close,
-    Options,
-    Outcome,
-    Send,
-    SmtpClient,
-    StartTLS,
-    temporary,
-)
+from ..protocols.smtp import BOUNCED, DELIVERED, Action, Outcome, SmtpClient, temporary
 from ..routing.router import NoRoute, Reject, Route, Router
 from ..tor import dial as tordial
-from .pipe import (
-    DeliverSettings,
-    after_earlier,
-    envelope_sender,
-    looks_like_onion,
-    next_targets,
-    none_reached,
-    recipient_domains,
-    socks_may_try_next,
-    socks_outcome,
-    tls_check_peer,
-    tls_context,
-    tls_untrusted,
-)
+from .envelope import envelope_sender, recipient_domains
+from .session import Read, TimedOut, Write, session_steps
+from .settings import DeliverSettings
+from .targets import TargetPlan, next_targets, socks_may_try_next, socks_outcome
+from .tls import tls_check_peer, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -210,31 +191,28 @@ class Relay:
     async def _deliver(self, order: list[Key], sender: bytes, rcpts: list[bytes],
                        message: bytes) -> list[Outcome]:
         """Deliver to the first target of ``order`` that does not fail before the message was
-        sent; one outcome per recipient."""
+        sent; one outcome per recipient (the time limit is the caller's asyncio.timeout)."""
         domains = recipient_domains(rcpts) if self.settings.tls_verify else []
-        failures: list[Outcome] = []
-        for n, key in enumerate(order):
-            outcomes, again = await self._deliver_to(key, sender, rcpts, message, domains)
-            if not again:
-                return [after_earlier(o, failures) for o in outcomes]
-            failures.append(outcomes[0])
-            if n + 1 < len(order):
-                nxt = order[n + 1]
+        plan = TargetPlan(order, len(rcpts))
+        while (key := plan.next()) is not None:
+            outcomes, may_try_next = await self._deliver_to(key, sender, rcpts, message, domains)
+            plan.record(outcomes, may_try_next)
+            nxt = plan.upcoming()
+            if nxt is not None:
                 log.warning("lmtp: %s:%d failed before the message was sent (%s); trying the "
                             "next SRV target %s:%d", key[0], key[1], outcomes[0].text,
                             nxt[0], nxt[1])
-        return [none_reached(failures)] * len(rcpts)
+        return plan.outcomes()
 
     async def _deliver_to(self, key: Key, sender: bytes, rcpts: list[bytes], message: bytes,
                           domains: list[str]) -> tuple[list[Outcome], bool]:
         """One target: per-recipient outcomes, and whether it failed before the message was
-        sent in a way the next target may not (then nothing was delivered here)."""
+        sent in a way the next target may not (then nothing was delivered here).  ``key`` is a
+        route of the Router, so a validated v3 onion (pins, SRV targets and onion names are
+        checked by parse_onion there)."""
         host, port = key
         s = self.settings
         destination = f"{host}:{port}"
-        if not looks_like_onion(host):
-            return [temporary("4.3.5", f"route {destination} is not a v3 .onion")] * len(rcpts), \
-                False
         for attempt in (0, 1):
             conn = self.pool.take(key) if attempt == 0 else None
             if conn is not None and s.tls_verify and \
@@ -253,9 +231,7 @@ class Relay:
                 self.stats["dialed"] += 1
             else:
                 self.stats["reused"] += 1
-            options = Options(ehlo_name=s.ehlo_name, starttls=s.starttls,
-                              pipelining=s.pipelining, destination=destination,
-                              per_recipient=True, keep_alive=True)
+            options = s.client_options(destination, per_recipient=True, keep_alive=True)
             client = SmtpClient(sender, rcpts, message, options)
             actions = client.resume(conn.extensions) if reused else []
             try:
@@ -269,62 +245,40 @@ class Relay:
                 self.pool.give(key, conn)
             else:
                 conn.close()
-            if reused and outcome.status != DELIVERED and not client._body_sent and \
-                    outcome.status != BOUNCED:
+            if reused and client.retryable:
                 log.warning("lmtp: reused connection to %s failed (%s); dialing anew",
                             destination, outcome.text)
                 continue  # a kept connection went stale: nothing was sent, try a fresh one
             return client.recipient_outcomes(), client.may_try_next
         raise AssertionError("unreachable")
 
-    async def _drive(self, conn: _Conn, client: SmtpClient, actions: list, host: str,
+    async def _drive(self, conn: _Conn, client: SmtpClient, actions: list[Action], host: str,
                      domains: list[str]) -> Outcome:
-        """Run ``client`` over ``conn`` until it has an outcome (``deliver.run_session``'s
-        asyncio twin)."""
-        s = self.settings
-        reader, writer = conn.reader, conn.writer
+        """Run ``client`` over ``conn`` until it has an outcome: the asyncio driver of
+        :func:`~torroute.delivery.session.session_steps` (``run_session`` is the blocking one);
+        it only performs each step within its deadline."""
+        steps = session_steps(client, self.settings, host, domains, actions)
+        got: object = None
         while True:
-            while actions:
-                action = actions.pop(0)
-                if isinstance(action, Close):
-                    assert client.outcome is not None
-                    return client.outcome
-                if isinstance(action, Send):
-                    timeout = s.data_timeout if action.bulk else s.command_timeout
-                    try:
-                        writer.write(action.data)
-                        async with asyncio.timeout(timeout):
-                            await writer.drain()
-                    except TimeoutError:
-                        return client.timed_out(timeout)
-                    except OSError as exc:
-                        return client.connection_lost(exc.strerror or str(exc))
-                elif isinstance(action, StartTLS):
-                    try:
-                        async with asyncio.timeout(s.command_timeout):
-                            await writer.start_tls(tls_context(s), server_hostname=host)
-                    except (OSError, TimeoutError) as exc:
-                        untrusted = tls_untrusted(exc)
-                        if untrusted is not None:
-                            return client.tls_refused(untrusted)
-                        return client.tls_failed(str(exc) or type(exc).__name__)
-                    conn.peer_cert = writer.get_extra_info("peercert")
-                    if s.tls_verify:
-                        problem = tls_check_peer(conn.peer_cert, host, domains)
-                        if problem is not None:
-                            return client.tls_refused(problem)
-                    actions = client.tls_started() + actions
-            timeout = s.data_timeout if client.phase == "data-end" else s.command_timeout
             try:
-                async with asyncio.timeout(timeout):
-                    data = await reader.read(65536)
+                step = steps.send(got)
+            except StopIteration as done:
+                return done.value
+            try:
+                async with asyncio.timeout(step.seconds):
+                    if isinstance(step, Read):
+                        got = await conn.reader.read(65536)
+                    elif isinstance(step, Write):
+                        conn.writer.write(step.data)
+                        got = await conn.writer.drain()
+                    else:
+                        await conn.writer.start_tls(tls_context(self.settings),
+                                                    server_hostname=host)
+                        got = conn.peer_cert = conn.writer.get_extra_info("peercert")
             except TimeoutError:
-                return client.timed_out(timeout)
+                got = TimedOut(step.seconds)
             except OSError as exc:
-                return client.connection_lost(exc.strerror or str(exc))
-            if not data:
-                return client.connection_lost("connection closed by the server")
-            actions = client.receive(data)
+                got = exc
 
     def close(self) -> None:
         self.pool.close_all()

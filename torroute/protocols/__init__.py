@@ -1,9 +1,10 @@
 """Pure wire codecs (sans-IO): bytes in, events and bytes to send out; the drivers do the I/O.
 
 The lookup daemon's codecs (:mod:`.socketmap`, :mod:`.tcptable`, :mod:`.eximline`, their shared
-parts in :mod:`.lookup`), the LMTP server (:mod:`.lmtp`) and the SOCKS5 client for tor
-(:mod:`.socks5`).  The shared names are loaded on first use (PEP 562): ``torroute deliver``
-imports only :mod:`.socks5`, and building :mod:`.lookup`'s two dataclasses and regexes costs
+parts in :mod:`.lookup`), the LMTP server (:mod:`.lmtp`), the SMTP client (:mod:`.smtp`), the
+SOCKS5 client for tor (:mod:`.socks5`) and tor's control protocol (:mod:`.control`).  The
+shared names are loaded on first use (PEP 562): ``torroute deliver`` imports only :mod:`.socks5`
+and :mod:`.smtp`, and building :mod:`.lookup`'s two dataclasses and regexes costs
 ~0.8 ms (``-X importtime``) in a program started once per message.
 """
 
@@ -39,5 +40,6 @@ def __getattr__(name: str) -> object:
 
 
 # asked for by ``from torroute.protocols import lmtp`` before the submodule is imported
-_SUBMODULES = frozenset({"lookup", "socketmap", "tcptable", "eximline", "lmtp", "socks5"})
+_SUBMODULES = frozenset({"lookup", "socketmap", "tcptable", "eximline", "lmtp", "socks5", "smtp",
+                         "control"})
 _MISSING = object()

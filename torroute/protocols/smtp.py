@@ -3,7 +3,11 @@
 Why pure: the delivery program's correctness (what is sent, when to stop, whether the mail is
 delivered, deferred or bounced) must be testable without sockets, and the program must start
 fast (no smtplib, which pulls in ssl and email).  The caller owns the socket: it feeds what it
-reads to :meth:`SmtpClient.receive` and performs the returned actions.
+reads to :meth:`SmtpClient.receive` and performs the returned actions; the machine names the
+deadline of each (``Send.deadline``, ``SmtpClient.reply_deadline``: :data:`COMMAND` or
+:data:`DATA`, RFC 5321 4.5.3.2) and says whether a deferred transaction may run again
+(``retryable``) or go to the next MX (``may_try_next``).  torroute.delivery.session turns the
+actions into I/O requests for its two drivers.
 
 Outcome rules (Postfix ``pipe(8)`` semantics: exit 0 delivered, 75 deferred, other bounced; a
 leading enhanced status code in the output wins):
@@ -27,6 +31,8 @@ CRLF = b"\r\n"
 MAX_REPLY_BYTES = 1 << 20  # a reply larger than this is garbage, not SMTP
 
 DELIVERED, DEFERRED, BOUNCED = "delivered", "deferred", "bounced"
+#: the deadline kinds: a command and its reply, or the message and the reply to its final '.'
+COMMAND, DATA = "command", "data"
 EXIT_CODES = {DELIVERED: OK, DEFERRED: TEMPFAIL, BOUNCED: UNAVAILABLE}
 
 
@@ -268,6 +274,11 @@ class Send(_Record):
         self.data = data
         self.bulk = bulk
 
+    @property
+    def deadline(self) -> str:
+        """:data:`DATA` for the message body, :data:`COMMAND` for a command."""
+        return DATA if self.bulk else COMMAND
+
 
 class StartTLS(_Record):
     """Wrap the connection in TLS now, then call :meth:`SmtpClient.tls_started`."""
@@ -363,6 +374,21 @@ class SmtpClient:
             self.outcome = temporary("4.7.5", self._said(detail))
         self.phase = "closed"
         return self.outcome
+
+    @property
+    def reply_deadline(self) -> str:
+        """The deadline the next reply is awaited under: :data:`DATA` for the reply to the
+        message's final '.', :data:`COMMAND` for the greeting and every other reply."""
+        return DATA if self.phase == "data-end" else COMMAND
+
+    @property
+    def retryable(self) -> bool:
+        """Deferred before the message was sent, so nothing can have been delivered: the same
+        transaction may run again on a fresh connection (the relay does so once when a kept
+        connection turns out stale).  Looser than :attr:`may_try_next`: the server may have
+        answered MAIL or RCPT (e.g. 421 from a server that dropped the idle session)."""
+        out = self.outcome
+        return out is not None and out.status == DEFERRED and not self._body_sent
 
     @property
     def may_try_next(self) -> bool:

@@ -3,6 +3,12 @@
 Order: local domains, ignored domains (no route); ``.onion`` destinations (themselves); pins from
 maps; DNS SRV ``_onion-mx._tcp.<domain>``.  Any DNS failure is a TempFail: mail defers, it never
 falls back to the clear net because a resolver was down.
+
+The parts: :func:`decide_static` (everything that needs no DNS), :func:`srv_query` and
+:func:`decide_srv` (one SRV question and what its answer means), :class:`SrvLookup` (the
+nameservers in turn, pure), and :class:`Router`, whose one fast path (:meth:`Router.decide_now`)
+serves the CLI, the library and the daemon alike, with a blocking and an asyncio driver of
+:class:`SrvLookup` behind it.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
@@ -151,20 +156,106 @@ def load_pins(config: Config) -> PinMap:
     return load_maps(config.maps, config.default_port, config.v2_pins)
 
 
-@dataclass
+class SrvLookup:
+    """One domain's SRV lookup without I/O: what to ask whom, and what each answer means.
+
+    The drivers (:meth:`Router._lookup_sync`, :meth:`Router._lookup_async`) only send
+    :attr:`query` to :attr:`server` (over TCP when :attr:`tcp`) within :attr:`timeout`, and
+    report the response (:meth:`answered`) or the exception (:meth:`failed`) until :attr:`done`;
+    then :attr:`outcome` is the decision and how long it may be cached.  A nameserver that
+    fails or answers SERVFAIL (or an unvalidated answer under ``require_dnssec``) passes the
+    question to the next one; when none is left the outcome is a TempFail naming the last
+    failure, never a NoRoute.
+    """
+
+    def __init__(self, domain: str, config: Config, nameservers: list[HostPort]) -> None:
+        self.domain = domain
+        self.config = config
+        self.query = srv_query(domain, config)
+        self.timeout = config.dns_timeout
+        self.asked = 0  # nameservers asked (a TCP retry of the same one is not counted)
+        self.tcp = False
+        self.server: HostPort | None = None
+        self.outcome: tuple[Decision, float] | None = None
+        self._servers = iter(nameservers)
+        self._failure = "no nameserver configured"
+        self._next_server()
+
+    @property
+    def done(self) -> bool:
+        return self.outcome is not None
+
+    def answered(self, response: dns.message.Message) -> None:
+        """The server's response to :attr:`query`."""
+        host, port = self.server
+        if not self.tcp and response.flags & dns.flags.TC:
+            self.tcp = True  # truncated: the same question to the same server over TCP
+            return
+        decision, ttl = decide_srv(self.domain, self.query, response, self.config)
+        if isinstance(decision, TempFail):
+            self._failure = f"{decision.reason} from {host}:{port}"
+            self._next_server()
+        else:
+            self.outcome = decision, ttl
+
+    def failed(self, exc: BaseException) -> None:
+        """Asking the server raised (dnspython's DNSException, OSError): try the next one."""
+        host, port = self.server
+        self._failure = _describe(exc, host, port)
+        self._next_server()
+
+    def _next_server(self) -> None:
+        self.tcp = False
+        self.server = next(self._servers, None)
+        if self.server is None:
+            self.outcome = TempFail(self.domain, self._failure), 0.0
+        else:
+            self.asked += 1
+
+
+#: Bound of the router's memo of static decisions (domain -> decision or DNS name); cleared
+#: when full and on every change of configuration or pins.
+STATIC_MEMO_SIZE = 50_000
+
+
 class Router:
-    """The routing core shared by the CLI, the daemon and library users."""
+    """The routing core shared by the CLI, the daemon and library users.
 
-    config: Config
-    pins: PinMap | None = None  # None: loaded from config.maps
+    One fast path for every caller, :meth:`decide_now`: a memo of the decisions that need no
+    DNS (a pure function of config and pins) and the decision cache.  :meth:`route` and
+    :meth:`aroute` fall back to one SRV lookup (:class:`SrvLookup`), blocking or asyncio.
+    """
 
-    def __post_init__(self) -> None:
-        self.cache = DecisionCache(self.config.cache_size)
+    def __init__(self, config: Config, pins: PinMap | None = None) -> None:
+        # destination domain -> its static decision, or the normalised name to ask DNS for
+        self._static: dict[str, Decision | str] = {}
+        self._config = config
+        self._pins = load_pins(config) if pins is None else pins
+        self.cache = DecisionCache(config.cache_size)
         self._inflight: dict[str, asyncio.Future[Decision]] = {}  # one DNS query per domain
         self._nameservers: list[HostPort] | None = None
-        self.dns_queries = 0  # counts queries sent, for tests and stats
-        if self.pins is None:
-            self.pins = load_pins(self.config)
+        self.dns_queries = 0  # counts nameservers asked, for tests and stats
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(config={self._config!r}, pins={self._pins!r})"
+
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        self._static.clear()
+
+    @property
+    def pins(self) -> PinMap:
+        return self._pins
+
+    @pins.setter
+    def pins(self, pins: PinMap) -> None:
+        self._pins = pins
+        self._static.clear()
 
     @classmethod
     def from_config(cls, config: Config) -> Router:
@@ -174,33 +265,54 @@ class Router:
         """Swap in a new configuration and maps (load first: a broken map file raises MapError
         and the old configuration stays, whole)."""
         pins = load_pins(config)
-        self.config, self.pins = config, pins
+        self._config, self._pins = config, pins
+        self._static.clear()
         self.cache = DecisionCache(config.cache_size)
         self._nameservers = None
 
     # -- decisions -----------------------------------------------------------------------
-    def route(self, domain_or_address: str) -> Decision:
+    def decide_now(self, domain_or_address: str) -> Decision | None:
+        """The decision if it needs no I/O, else None (then :meth:`route` or :meth:`aroute`
+        asks DNS): pins, local and ignored domains, ``.onion`` names, unroutable names, and
+        SRV decisions still in the cache.
+
+        A cached decision is returned as stored, the same object until it expires (its
+        ``ttl`` as DNS gave it; :meth:`route` reports the remaining one), so a caller may
+        memoise per decision: the daemon keeps reply bytes and log text so, and answers a
+        lookup from here in a few microseconds.
+        """
         domain = destination_domain(domain_or_address)
-        static = decide_static(domain, self.config, self.pins)
-        if static is not None:
-            return static
-        domain = normalize_domain(domain)
-        cached = self._cached(domain)
-        if cached is not None:
-            return cached
+        memo = self._static.get(domain)
+        if memo is None:
+            memo = self._remember(domain)
+        if memo.__class__ is not str:
+            return memo  # type: ignore[return-value]
+        hit = self.cache.get(memo)  # type: ignore[arg-type]
+        return None if hit is None else hit[0]
+
+    def _remember(self, domain: str) -> Decision | str:
+        """Memoise ``domain``'s static decision, or the name DNS is asked for."""
+        static = decide_static(domain, self._config, self._pins)
+        memo = static if static is not None else normalize_domain(domain)
+        if len(self._static) >= STATIC_MEMO_SIZE:
+            self._static.clear()
+        self._static[domain] = memo
+        return memo
+
+    def route(self, domain_or_address: str) -> Decision:
+        decision = self.decide_now(domain_or_address)
+        if decision is not None:
+            return self._remaining_ttl(decision)
+        domain = normalize_domain(destination_domain(domain_or_address))
         decision, ttl = self._lookup_sync(domain)
         self.cache.put(domain, decision, ttl)
         return decision
 
     async def aroute(self, domain_or_address: str) -> Decision:
-        domain = destination_domain(domain_or_address)
-        static = decide_static(domain, self.config, self.pins)
-        if static is not None:
-            return static
-        domain = normalize_domain(domain)
-        cached = self._cached(domain)
-        if cached is not None:
-            return cached
+        decision = self.decide_now(domain_or_address)
+        if decision is not None:
+            return self._remaining_ttl(decision)
+        domain = normalize_domain(destination_domain(domain_or_address))
         pending = self._inflight.get(domain)
         if pending is None:
             # the query runs in its own task: a caller that gives up (cancelled) does not cancel
@@ -215,21 +327,20 @@ class Router:
         self.cache.put(domain, decision, ttl)
         return decision
 
-    def _cached(self, domain: str) -> Decision | None:
-        hit = self.cache.get(domain)
-        if hit is None:
-            return None
-        decision, remaining = hit
-        if isinstance(decision, Route):
-            return Route(decision.domain, decision.onion, decision.port, decision.source,
-                         remaining, decision.alternatives)
-        return decision
+    def _remaining_ttl(self, decision: Decision) -> Decision:
+        """A cached SRV route with the TTL it has left (static routes have none)."""
+        if decision.__class__ is not Route or decision.ttl is None:
+            return decision
+        hit = self.cache.get(decision.domain)  # SRV routes carry their cache key, the name
+        remaining = 0.0 if hit is None else hit[1]  # None: it expired a moment ago
+        return Route(decision.domain, decision.onion, decision.port, decision.source,
+                     remaining, decision.alternatives)
 
-    # -- DNS I/O ---------------------------------------------------------------------------
+    # -- DNS I/O: the two drivers of SrvLookup ---------------------------------------------
     def nameservers(self) -> list[HostPort]:
         if self._nameservers is None:
-            if self.config.nameservers is not None:
-                self._nameservers = list(self.config.nameservers)
+            if self._config.nameservers is not None:
+                self._nameservers = list(self._config.nameservers)
             else:  # production default only: the system resolver
                 import dns.resolver
 
@@ -237,69 +348,59 @@ class Router:
                 self._nameservers = [(str(ns), resolver.port) for ns in resolver.nameservers]
         return self._nameservers
 
-    def _judge(self, domain: str, query: dns.message.Message, response: dns.message.Message,
-               host: str, port: int) -> tuple[Decision, float] | str:
-        """A final decision with its TTL, or why this nameserver's answer is a failure."""
-        decision, ttl = decide_srv(domain, query, response, self.config)
-        if isinstance(decision, TempFail):
-            return f"{decision.reason} from {host}:{port}"
-        return decision, ttl
-
     def _lookup_sync(self, domain: str) -> tuple[Decision, float]:
         import dns.query
 
-        query = srv_query(domain, self.config)
-        failure = "no nameserver configured"
-        for host, port in self.nameservers():
-            self.dns_queries += 1
-            try:
-                # a connected socket: an ICMP "port unreachable" fails the query at once
-                # (ECONNREFUSED) instead of after dns_timeout, and the next server is asked
-                with _connected_udp(host, port) as sock:
-                    response = dns.query.udp(query, host, port=port, sock=sock,
-                                             timeout=self.config.dns_timeout,
-                                             ignore_unexpected=True)
-                if response.flags & dns.flags.TC:
-                    response = dns.query.tcp(query, host, port=port,
-                                             timeout=self.config.dns_timeout)
-            except (dns.exception.DNSException, OSError) as exc:
-                failure = _describe(exc, host, port)
-                continue
-            outcome = self._judge(domain, query, response, host, port)
-            if isinstance(outcome, str):
-                failure = outcome  # try the next nameserver
-                continue
-            return outcome
-        return TempFail(domain, failure), 0.0
+        lookup = SrvLookup(domain, self._config, self.nameservers())
+        try:
+            while lookup.outcome is None:
+                host, port = lookup.server
+                try:
+                    if lookup.tcp:
+                        response = dns.query.tcp(lookup.query, host, port=port,
+                                                 timeout=lookup.timeout)
+                    else:
+                        # a connected socket: an ICMP "port unreachable" fails the query at
+                        # once (ECONNREFUSED) instead of after dns_timeout
+                        with _connected_udp(host, port) as sock:
+                            response = dns.query.udp(lookup.query, host, port=port, sock=sock,
+                                                     timeout=lookup.timeout,
+                                                     ignore_unexpected=True)
+                except (dns.exception.DNSException, OSError) as exc:
+                    lookup.failed(exc)
+                else:
+                    lookup.answered(response)
+        finally:
+            self.dns_queries += lookup.asked
+        return lookup.outcome
 
     async def _lookup_async(self, domain: str) -> tuple[Decision, float]:
         import dns.asyncbackend
         import dns.asyncquery
 
-        query = srv_query(domain, self.config)
-        failure = "no nameserver configured"
-        for host, port in self.nameservers():
-            self.dns_queries += 1
-            try:
-                # connected, as in _lookup_sync (asyncio's backend would not connect it)
-                backend = dns.asyncbackend.get_default_backend()
-                async with await backend.make_socket(_family(host), socket.SOCK_DGRAM, 0, None,
-                                                     (host, port)) as sock:
-                    response = await dns.asyncquery.udp(query, host, port=port, sock=sock,
-                                                        timeout=self.config.dns_timeout,
-                                                        ignore_unexpected=True)
-                if response.flags & dns.flags.TC:
-                    response = await dns.asyncquery.tcp(query, host, port=port,
-                                                        timeout=self.config.dns_timeout)
-            except (dns.exception.DNSException, OSError) as exc:
-                failure = _describe(exc, host, port)
-                continue
-            outcome = self._judge(domain, query, response, host, port)
-            if isinstance(outcome, str):
-                failure = outcome  # try the next nameserver
-                continue
-            return outcome
-        return TempFail(domain, failure), 0.0
+        lookup = SrvLookup(domain, self._config, self.nameservers())
+        try:
+            while lookup.outcome is None:
+                host, port = lookup.server
+                try:
+                    if lookup.tcp:
+                        response = await dns.asyncquery.tcp(lookup.query, host, port=port,
+                                                            timeout=lookup.timeout)
+                    else:
+                        # connected, as in _lookup_sync (asyncio's backend would not connect it)
+                        backend = dns.asyncbackend.get_default_backend()
+                        async with await backend.make_socket(
+                                _family(host), socket.SOCK_DGRAM, 0, None, (host, port)) as sock:
+                            response = await dns.asyncquery.udp(
+                                lookup.query, host, port=port, sock=sock,
+                                timeout=lookup.timeout, ignore_unexpected=True)
+                except (dns.exception.DNSException, OSError) as exc:
+                    lookup.failed(exc)
+                else:
+                    lookup.answered(response)
+        finally:
+            self.dns_queries += lookup.asked
+        return lookup.outcome
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -12,20 +12,19 @@ Layout of a network directory (``PrivateNetwork(directory)``)::
     auth0..auth2/         directory authorities (also relays), relay0..relay1/, hs/, client/
         torrc  notice.log  console.log  tor.pid  (and tor's data files; 0700)
 
-Every torrc passes :func:`check_torrc` before any tor starts; a failing check refuses to start.
+Every torrc passes :func:`~torroute.testing.torrc_safety.check_torrc` before any tor starts; a
+failing check refuses to start.  The control connections are :mod:`torroute.tor.control_socket`
+(the control-protocol codec is :mod:`torroute.protocols.control`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
-import queue
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -34,14 +33,33 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BootError, SocksError, TestnetError, UnsafeTorrc
+from ..endpoint import HostPort, format_hostport, parse_hostport
+from ..errors import BootError, ControlError, SocksError, TestnetError, TorRefused, UnsafeTorrc
+from ..protocols.control import Reply, parse_hs_desc
 from ..tor import dial as tordial
+from ..tor.control_socket import ControlSocket
+from .testnet_state import (
+    STATE_FILE,
+    STATE_VERSION,
+    down,
+    is_ours,
+    pid_alive,
+    read_state,
+    remove_directory,
+    rss_kib,
+    state_pids,
+    status,
+    stop_pids,
+)
+from .torrc_safety import check_torrc, is_loopback_hostport, is_loopback_ipv4, parse_torrc
 
-HostPort = tuple[str, int]
+__all__ = ["PrivateNetwork", "Node", "read_state", "status", "down", "remove_directory",
+           "check_torrc", "parse_torrc", "parse_onion_port", "free_ports", "onion_ready",
+           "socks_probe", "voting_offset", "consensus_relays", "STATE_FILE",
+           "BootError", "TestnetError", "UnsafeTorrc"]
+
 Progress = Callable[[str], None]
 
-STATE_FILE = "testnet.json"
-STATE_VERSION = 1
 INITIAL_VOTING_INTERVAL = 6  # seconds; the regular one must be a multiple of it (6/12)
 VOTING_INTERVAL = 12
 VOTE_DELAY = 2
@@ -54,133 +72,11 @@ SOCKS_OK = 0x00
 SOCKS_GENERAL_FAILURE = 0x01  # from an onion service: its target port is closed
 SOCKS_DESCRIPTOR_NOT_FOUND = 0xF0  # tor ExtendedErrors: retry, the client has not got it yet
 
-
-# --------------------------------------------------------------------------------------------
-# torrc safety checks (pure)
-
-_PORT_OPTIONS = {
-    "orport", "dirport", "socksport", "controlport", "dnsport", "transport", "natdport",
-    "httptunnelport", "extorport", "metricsport",
-}
-_FORBIDDEN = {
-    "reachableaddresses", "reachableoraddresses", "reachablediraddresses",
-    "outboundbindaddress", "outboundbindaddressor", "outboundbindaddressexit",
-    "outboundbindaddresspt", "fallbackdir", "clienttransportplugin", "servertransportplugin",
-    "%include", "alternatedirauthority", "alternatebridgeauthority", "dirauthorityfallbackrate",
-}
 _PORT_TAKEN = re.compile(r"Could not bind to 127\.0\.0\.1:\d+: Address already in use")
-_HOSTPORT = re.compile(r"^(\[?[0-9a-fA-F:.]+\]?):(\d{1,5})$")
-
-
-def parse_torrc(text: str) -> list[tuple[str, str]]:
-    """(lowercased key, value) pairs in order; comments and blank lines dropped."""
-    pairs = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        key, _, value = line.partition(" ")
-        pairs.append((key.lstrip("+/").lower(), value.strip()))
-    return pairs
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network("127.0.0.0/8")
-    except ValueError:
-        return False
-
-
-def _loopback_hostport(value: str) -> bool:
-    match = _HOSTPORT.match(value)
-    return bool(match) and _is_loopback(match.group(1)) and 0 < int(match.group(2)) < 65536
-
-
-def check_torrc(text: str, read_file: Callable[[str], str] | None = None) -> None:
-    """Raise :class:`UnsafeTorrc` unless this torrc keeps tor on loopback.
-
-    Required: ``TestingTorNetwork 1`` with only 127.x ``DirAuthority`` lines, or ``UseBridges 1``
-    with only 127.x ``Bridge`` lines; ``UseDefaultFallbackDirs 0``; ``ClientUseIPv6 0``;
-    ``Address 127.0.0.1``; every port option ``0``, ``unix:`` or ``127.0.0.1:PORT``; onion
-    service targets ``127.0.0.1:PORT``; no proxies, transports, fallback dirs, %include.
-    Relays (an ORPort) also need ``ExitRelay 0``, ``ExitPolicy reject *:*`` and a
-    ``ServerDNSResolvConfFile`` naming only loopback nameservers (read with ``read_file``;
-    without it the file is not read and that one check is skipped), ``ServerDNSDetectHijacking
-    0`` and an empty ``ServerDNSTestAddresses``.
-    """
-    pairs = parse_torrc(text)
-    problems: list[str] = []
-    values: dict[str, list[str]] = {}
-    for key, value in pairs:
-        values.setdefault(key, []).append(value)
-
-    def last(key: str) -> str | None:
-        return values[key][-1] if key in values else None
-
-    for key, value in pairs:
-        if key in _FORBIDDEN or key.endswith("proxy"):
-            problems.append(f"{key} is not allowed in a loopback-only network")
-        elif key in _PORT_OPTIONS:
-            first = value.split()[0] if value.split() else ""
-            if not (first == "0" or first.startswith("unix:") or _loopback_hostport(first)):
-                problems.append(f"{key} {value!r}: must be 0, unix: or 127.0.0.1:PORT")
-        elif key == "hiddenserviceport":
-            parts = value.split()
-            target = parts[1] if len(parts) > 1 else ""
-            if not (target.startswith("unix:") or _loopback_hostport(target)):
-                problems.append(f"HiddenServicePort {value!r}: target must be 127.0.0.1:PORT")
-        elif key in ("dirauthority", "bridge"):
-            addrs = [t for t in value.split() if _HOSTPORT.match(t)]
-            if not addrs or not all(_loopback_hostport(a) for a in addrs):
-                problems.append(f"{key} {value!r}: address must be 127.x.x.x:PORT")
-            if any(t.lower().startswith("ipv6=") for t in value.split()):
-                problems.append(f"{key} {value!r}: ipv6= is not allowed")
-
-    testing = last("testingtornetwork") == "1"
-    bridges = last("usebridges") == "1"
-    if testing:
-        if "dirauthority" not in values:
-            problems.append("TestingTorNetwork 1 without DirAuthority lines uses the real ones")
-    elif bridges:
-        if "bridge" not in values:
-            problems.append("UseBridges 1 without Bridge lines")
-    else:
-        problems.append("need TestingTorNetwork 1 + DirAuthority, or UseBridges 1 + Bridge")
-    if "dirauthority" in values and not testing:
-        problems.append("DirAuthority lines need TestingTorNetwork 1 here")
-    for key, want in (("usedefaultfallbackdirs", "0"), ("clientuseipv6", "0"),
-                      ("address", "127.0.0.1")):
-        if last(key) != want:
-            problems.append(f"{key} must be {want} (is {last(key)!r})")
-
-    orport = last("orport")
-    if orport is not None and orport.split()[0] != "0":
-        if last("exitrelay") != "0":
-            problems.append("a relay needs ExitRelay 0")
-        if last("exitpolicy") != "reject *:*":
-            problems.append("a relay needs ExitPolicy reject *:*")
-        if last("serverdnsdetecthijacking") != "0":
-            problems.append("a relay needs ServerDNSDetectHijacking 0")
-        if last("serverdnstestaddresses") != "":
-            problems.append("a relay needs an empty ServerDNSTestAddresses")
-        resolv = last("serverdnsresolvconffile")
-        if not resolv:
-            problems.append("a relay needs ServerDNSResolvConfFile (else /etc/resolv.conf)")
-        elif read_file is not None:
-            try:
-                servers = [line.split()[1] for line in read_file(resolv).splitlines()
-                           if line.startswith("nameserver") and len(line.split()) > 1]
-            except OSError as exc:
-                problems.append(f"ServerDNSResolvConfFile {resolv}: {exc}")
-            else:
-                if not servers or not all(_is_loopback(s) for s in servers):
-                    problems.append(f"{resolv}: nameservers must all be 127.x")
-    if problems:
-        raise UnsafeTorrc("unsafe torrc: " + "; ".join(problems))
 
 
 # --------------------------------------------------------------------------------------------
-# other pure helpers
+# pure helpers
 
 
 def voting_offset(now: float, lead: float | None = None,
@@ -219,16 +115,11 @@ def parse_onion_port(text: str) -> tuple[int, HostPort]:
     target = target.strip()
     if target.isdigit():
         target = f"127.0.0.1:{target}"
-    if not _loopback_hostport(target):
+    if not is_loopback_hostport(target):
         raise ValueError(f"{text!r}: the target must be 127.x.x.x:PORT (loopback only)")
-    host, _, port = target.rpartition(":")
     if not 0 < vport < 65536:
         raise ValueError(f"{text!r}: virtual port out of range")
-    return vport, (host, int(port))
-
-
-def hostport(hp: HostPort) -> str:
-    return f"{hp[0]}:{hp[1]}"
+    return vport, parse_hostport(target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,39 +163,6 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child counts as dead
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def socks_probe(proxy: HostPort, host: str, port: int, timeout: float = 10.0) -> int | None:
     """One SOCKS5 CONNECT through ``proxy`` (greeting and CONNECT in one write); the reply
     code, or None (no reply in time, or not a SOCKS5 answer).
@@ -342,93 +200,34 @@ def _probe_failure(reply: int | None, target: HostPort) -> str:
     if reply == SOCKS_DESCRIPTOR_NOT_FOUND:
         return "reply 0xf0 (the client never found the onion's descriptor)"
     if reply == SOCKS_GENERAL_FAILURE:
-        return (f"reply 0x01: the onion service could not connect to {hostport(target)}, "
+        return (f"reply 0x01: the onion service could not connect to {format_hostport(target)}, "
                 f"although something listens there")
     return f"reply {reply:#04x}"
 
 
-# --------------------------------------------------------------------------------------------
-# a minimal control-port client
+# the control connection: torroute.tor.control_socket, its errors as TestnetError
 
 
-class ControlConnection:
-    """Tor control protocol over TCP with cookie authentication; events go to ``on_event``.
+class ControlConnection(ControlSocket):
+    """A cookie-authenticated control connection to one of our tors (``port`` on 127.0.0.1);
+    HS_DESC and other events go to ``on_event``.  Failures are :class:`TestnetError`."""
 
-    Why not stem: a reader thread with no read timeout (an event listener must survive quiet
-    periods) and nothing else (stem 1.8 logged a stream of errors after close here).
-    """
-
-    def __init__(self, port: int, cookie: Path, on_event: Callable[[str], None] | None = None,
+    def __init__(self, port: int, cookie: Path, on_event: Callable[[Reply], None] | None = None,
                  timeout: float = 10.0) -> None:
         self.port = port
-        self.timeout = timeout
-        self.on_event = on_event
-        self._sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self._sock.settimeout(None)  # the reader blocks; commands time out on the queue
-        self._file = self._sock.makefile("rb")
-        self._replies: queue.Queue[list[str] | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read_loop, daemon=True,
-                                        name=f"tor-control-{port}")
-        self._reader.start()
-        self.command("AUTHENTICATE " + Path(cookie).read_bytes().hex())
-
-    def _read_loop(self) -> None:
-        lines: list[str] = []
         try:
-            while True:
-                raw = self._file.readline()
-                if not raw:
-                    break
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if len(line) >= 4 and line[3] == "+":  # data block up to a lone "."
-                    block = [line]
-                    while (raw := self._file.readline()) and raw.rstrip(b"\r\n") != b".":
-                        block.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                    lines.append("\n".join(block))
-                    continue
-                lines.append(line)
-                if len(line) >= 4 and line[3] == " ":  # the last line of a reply
-                    if line.startswith("650"):
-                        if self.on_event is not None:
-                            self.on_event("\n".join(lines))
-                    else:
-                        self._replies.put(lines)
-                    lines = []
-        except (OSError, ValueError):
-            pass
-        self._replies.put(None)
+            super().__init__(("127.0.0.1", port), cookie, on_event, timeout)
+        except (ControlError, TorRefused) as exc:
+            raise TestnetError(str(exc)) from None
 
-    def command(self, line: str) -> list[str]:
-        """Send one command; its reply lines (raises TestnetError unless 250)."""
-        with self._lock:
-            self._sock.sendall(line.encode() + b"\r\n")
-            try:
-                reply = self._replies.get(timeout=self.timeout)
-            except queue.Empty:
-                raise TestnetError(
-                    f"control port {self.port}: no reply to {line.split()[0]}") from None
-        if reply is None:
-            raise TestnetError(f"control port {self.port}: connection closed")
-        if not reply[-1].startswith("250"):
-            raise TestnetError(f"control port {self.port}: {line.split()[0]}: {reply[-1]}")
-        return reply
-
-    def getinfo(self, key: str) -> str:
-        for line in self.command(f"GETINFO {key}"):
-            if line[4:].startswith(key + "="):
-                return line[4 + len(key) + 1:]
-        return ""
-
-    def close(self) -> None:
+    def command(self, line: str) -> Reply:
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._reader.join(timeout=2)
+            return super().command(line)
+        except (ControlError, TorRefused) as exc:
+            raise TestnetError(str(exc)) from None
 
 
+# --------------------------------------------------------------------------------------------
 # --------------------------------------------------------------------------------------------
 # the network
 
@@ -486,7 +285,7 @@ class PrivateNetwork:
         self.directory = Path(directory).absolute()
         self.onion_ports: dict[int, HostPort] = dict(onion_ports or {25: ("127.0.0.1", 25)})
         for vport, target in self.onion_ports.items():
-            if not _is_loopback(target[0]):
+            if not is_loopback_ipv4(target[0]):
                 raise UnsafeTorrc(f"onion port {vport}: target {target} is not loopback")
         self.owner_pid: int | None = owner_pid  # None: a keeper following us, made by up()
         self.keeper_pid: int | None = None
@@ -516,7 +315,8 @@ class PrivateNetwork:
 
     @property
     def dns(self) -> HostPort:
-        """Client DNSPort (automaps .onion names to 127.192.0.0/10; never ask it other names)."""
+        """Client DNSPort (automaps .onion names into tor's default virtual network,
+        ``DEFAULT_VIRTUAL_NETWORK``; never ask it other names)."""
         return ("127.0.0.1", self.dns_port)
 
     @property
@@ -536,13 +336,14 @@ class PrivateNetwork:
     def info(self) -> dict:
         """What ``torroute testnet up --json`` prints."""
         return {
-            "socks": hostport(self.socks),
-            "socks_extended": hostport(self.socks_extended),
-            "dns": hostport(self.dns),
-            "control": hostport(self.control),
+            "socks": format_hostport(self.socks),
+            "socks_extended": format_hostport(self.socks_extended),
+            "dns": format_hostport(self.dns),
+            "control": format_hostport(self.control),
             "control_cookie": str(self.control_cookie),
             "onion": self.onion,
-            "onion_ports": {str(v): hostport(t) for v, t in sorted(self.onion_ports.items())},
+            "onion_ports": {str(v): format_hostport(t)
+                            for v, t in sorted(self.onion_ports.items())},
             "dir": str(self.directory),
             "pids": {n.name: n.pid for n in self.nodes},
             "keeper_pid": self.keeper_pid,
@@ -611,7 +412,7 @@ class PrivateNetwork:
         """Refuse a directory where a network of ours still runs."""
         if (self.directory / STATE_FILE).exists():
             state = read_state(self.directory)
-            if any(_pid_alive(p) and _ours(p, self.directory) for p in _state_pids(state)):
+            if any(pid_alive(p) and is_ours(p, self.directory) for p in state_pids(state)):
                 raise TestnetError(f"{self.directory}: a network is already running there "
                                    f"(torroute testnet down --dir {self.directory})")
 
@@ -775,7 +576,7 @@ class PrivateNetwork:
                 text += "SocksPort 0\n"
                 text += f"HiddenServiceDir {node.datadir / 'onion'}\nHiddenServiceVersion 3\n"
                 for vport, target in sorted(self.onion_ports.items()):
-                    text += f"HiddenServicePort {vport} {hostport(target)}\n"
+                    text += f"HiddenServicePort {vport} {format_hostport(target)}\n"
             else:
                 text += "\n".join([
                     f"SocksPort 127.0.0.1:{self.socks_port} IsolateSOCKSAuth",
@@ -841,12 +642,11 @@ class PrivateNetwork:
         self._controllers[node.name] = ctl
         return ctl
 
-    def _on_event(self, event: str) -> None:
-        words = event.split()
-        # 650 HS_DESC UPLOADED <address> UNKNOWN <hsdir> ...
-        if len(words) >= 4 and words[1] == "HS_DESC" and words[2] == "UPLOADED":
+    def _on_event(self, event: Reply) -> None:
+        desc = parse_hs_desc(event.lines[0].text)  # 650 HS_DESC UPLOADED <address> UNKNOWN ...
+        if desc is not None and desc.action == "UPLOADED":
             with self._uploaded_cv:
-                self._uploaded.setdefault(words[3], time.monotonic())
+                self._uploaded.setdefault(desc.address, time.monotonic())
                 self._uploaded_cv.notify_all()
 
     def _stage(self, deadline: float) -> None:
@@ -895,7 +695,7 @@ class PrivateNetwork:
             self._say(f"onion reachable through SOCKS ({onion})")
         else:
             self._say(f"onion reachable through SOCKS ({onion}); note: nothing listens "
-                      f"on {hostport(target)} yet")
+                      f"on {format_hostport(target)} yet")
 
     def wait_onion_reachable(self, onion: str, vport: int, target: HostPort, *,
                              deadline: float) -> int:
@@ -917,7 +717,7 @@ class PrivateNetwork:
             self._check_alive()
             if time.monotonic() > deadline:
                 client = self.node("client")
-                raise BootError(f"SOCKS connect to {onion}:{vport} (-> {hostport(target)}) "
+                raise BootError(f"SOCKS connect to {onion}:{vport} (-> {format_hostport(target)}) "
                                 f"never succeeded: {_probe_failure(last, target)}",
                                 client.name, client.log_tail())
             if last is None:
@@ -936,15 +736,15 @@ class PrivateNetwork:
         """A new ephemeral v3 onion service (``ADD_ONION``) on the onion-service tor, mapping
         virtual ports to loopback targets; returns ``<56>.onion`` once reachable (``wait``)."""
         for vport, target in ports.items():
-            if not _is_loopback(target[0]):
+            if not is_loopback_ipv4(target[0]):
                 raise UnsafeTorrc(f"onion port {vport}: target {target} is not loopback")
         ctl = self._controllers.get("hs") or self._controller(self.node("hs"),
                                                               time.monotonic() + 10)
-        spec = " ".join(f"Port={v},{hostport(t)}" for v, t in sorted(ports.items()))
+        spec = " ".join(f"Port={v},{format_hostport(t)}" for v, t in sorted(ports.items()))
         reply = ctl.command(f"ADD_ONION NEW:ED25519-V3 Flags=Detach,DiscardPK {spec}")
-        match = re.search(r"ServiceID=([a-z2-7]{56})", "\n".join(reply))
+        match = re.search(r"ServiceID=([a-z2-7]{56})", "\n".join(reply.texts))
         if not match:
-            raise TestnetError(f"ADD_ONION failed: {reply}")
+            raise TestnetError(f"ADD_ONION failed: {reply.texts}")
         onion = match.group(1) + ".onion"
         if wait:
             deadline = time.monotonic() + timeout
@@ -990,7 +790,7 @@ class PrivateNetwork:
         """SIGTERM our tors (and the keeper) by pid (they exit at once: ShutdownWaitLength 0)."""
         self.close_controllers()
         pids = [n.pid for n in self.nodes if n.pid]
-        _stop_pids(pids, self.directory)
+        stop_pids(pids, self.directory)
         for node in self.nodes:
             if node.process is not None:
                 try:
@@ -998,7 +798,7 @@ class PrivateNetwork:
                 except subprocess.TimeoutExpired:
                     pass
         if keeper and self.keeper_pid:
-            _stop_pids([self.keeper_pid], self.directory)
+            stop_pids([self.keeper_pid], self.directory)
 
     def down(self, keep: bool = False) -> None:
         self.stop_processes()
@@ -1006,7 +806,7 @@ class PrivateNetwork:
             remove_directory(self.directory)
 
     def rss_kib(self) -> dict[str, int]:
-        return {n.name: _rss_kib(n.pid) for n in self.nodes if n.pid}
+        return {n.name: rss_kib(n.pid) for n in self.nodes if n.pid}
 
     def __enter__(self) -> PrivateNetwork:
         return self
@@ -1020,91 +820,3 @@ def _read_text(path: Path | str) -> str:
         return Path(path).read_text(errors="replace")
     except OSError:
         return ""
-
-
-def read_state(directory: Path | str) -> dict:
-    """The state a network wrote; raises FileNotFoundError if there is none."""
-    return json.loads((Path(directory) / STATE_FILE).read_text())
-
-
-def _state_pids(state: dict) -> list[int]:
-    pids = [n.get("pid") for n in state.get("nodes", {}).values()]
-    return [p for p in pids if isinstance(p, int)]
-
-
-def _ours(pid: int, directory: Path) -> bool:
-    """Guard against pid reuse: only processes whose command line names our directory."""
-    return str(directory) in _cmdline(pid)
-
-
-def _stop_pids(pids: list[int], directory: Path, timeout: float = 5.0) -> list[int]:
-    """SIGTERM, wait, SIGKILL what is left; only pids that are ours. Returns the pids signalled."""
-    mine = [p for p in pids if _pid_alive(p) and _ours(p, directory)]
-    for pid in mine:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_pid_alive(p) for p in mine):
-        _reap(mine)
-        time.sleep(0.05)
-    for pid in mine:
-        if _pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    _reap(mine)
-    return mine
-
-
-def _reap(pids: Iterable[int]) -> None:
-    """Collect these pids if they are exited children of ours (never other fixtures' children:
-    ``waitpid(-1)`` would steal their exit statuses)."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-
-
-def remove_directory(directory: Path | str) -> None:
-    """Remove a network directory, but only one that holds our state file."""
-    directory = Path(directory)
-    if (directory / STATE_FILE).exists():
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-def status(directory: Path | str) -> dict:
-    """State plus liveness of each node (pid alive and still ours)."""
-    directory = Path(directory).absolute()
-    state = read_state(directory)
-    nodes = {}
-    for name, node in state.get("nodes", {}).items():
-        pid = node.get("pid")
-        alive = bool(pid) and _pid_alive(pid) and _ours(pid, directory)
-        nodes[name] = {"pid": pid, "running": alive, "rss_kib": _rss_kib(pid) if alive else 0}
-    keeper = state.get("keeper_pid")
-    return {
-        "dir": str(directory),
-        "ready": bool(state.get("ready")),
-        "running": bool(nodes) and all(n["running"] for n in nodes.values()),
-        "nodes": nodes,
-        "keeper": {"pid": keeper, "running": bool(keeper) and _pid_alive(keeper)
-                   and _ours(keeper, directory)} if keeper else None,
-        **state.get("info", {}),
-    }
-
-
-def down(directory: Path | str, keep: bool = False) -> list[int]:
-    """Stop exactly the processes recorded in ``directory`` (by pid); remove it unless keep."""
-    directory = Path(directory).absolute()
-    state = read_state(directory)
-    pids = _state_pids(state)
-    if state.get("keeper_pid"):
-        pids.append(state["keeper_pid"])
-    stopped = _stop_pids(pids, directory)
-    if not keep:
-        remove_directory(directory)
-    return stopped

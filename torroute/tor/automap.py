@@ -3,6 +3,10 @@
 Exim's SOCKS client sends only IP addresses, so Exim reaches an onion through the virtual address
 Tor hands out for it; Tor maps it back on the SocksPort.  Tor keeps that mapping only in memory
 (TTL 60 s), so answers are never cached here: ask again every time.
+
+:class:`AutomapLookup` is the whole question, pure (the query to send, which datagram answers it,
+what the answer and a socket error mean); :func:`resolve_automap` (blocking) and
+:func:`aresolve_automap` (asyncio) only send, receive and time out.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import dns.rdatatype
 from ..endpoint import HostPort, format_hostport
 from ..errors import AutomapError, TorUnavailable
 from ..routing.onion import parse_onion
-
-DEFAULT_VIRTUAL_NETWORK = "127.192.0.0/10"
+from .torrc import DEFAULT_VIRTUAL_NETWORK
 
 
 def automap_query(onion: str) -> dns.message.Message:
@@ -56,6 +59,42 @@ def parse_automap_answer(
     )
 
 
+class AutomapLookup:
+    """One automap question for a validated v3 onion (tor maps even malformed names: validate
+    first; raises InvalidOnion)."""
+
+    def __init__(self, onion: str, dns_port: HostPort,
+                 virtual_network: str = DEFAULT_VIRTUAL_NETWORK) -> None:
+        self.onion = parse_onion(onion).host
+        self.dns_port = dns_port
+        self.virtual_network = virtual_network
+        self.query = automap_query(self.onion)
+
+    def request(self) -> bytes:
+        return self.query.to_wire()
+
+    def response(self, wire: bytes) -> dns.message.Message | None:
+        """The answer in a datagram, or None (garbage, or the answer to another query)."""
+        try:
+            message = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        return message if message.id == self.query.id else None
+
+    def result(self, response: dns.message.Message) -> ipaddress.IPv4Address:
+        return parse_automap_answer(self.onion, response, self.virtual_network, self.dns_port)
+
+    def failure(self, exc: OSError, timeout: float) -> TorUnavailable:
+        """A socket error (a timeout included) while asking."""
+        where = format_hostport(self.dns_port)
+        if isinstance(exc, ConnectionRefusedError):
+            return TorUnavailable(f"tor DNSPort {where} refused the query: is tor running with "
+                                  "'DNSPort' set?")
+        if isinstance(exc, TimeoutError):
+            return TorUnavailable(f"tor DNSPort {where} did not answer within {timeout:g}s")
+        return TorUnavailable(f"tor DNSPort {where}: {exc.strerror or exc}")
+
+
 def resolve_automap(
     onion: str,
     dns_port: HostPort = ("127.0.0.1", 9053),
@@ -63,46 +102,29 @@ def resolve_automap(
     virtual_network: str = DEFAULT_VIRTUAL_NETWORK,
 ) -> ipaddress.IPv4Address:
     """Ask tor's DNSPort for the virtual IPv4 of a validated v3 onion."""
-    host = parse_onion(onion).host  # tor maps even malformed names: validate first
-    query = automap_query(host)
+    lookup = AutomapLookup(onion, dns_port, virtual_network)
     family = socket.AF_INET6 if ":" in dns_port[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(dns_port)  # connected: a closed port fails at once (ICMP), not by timeout
-            sock.send(query.to_wire())
-            while True:
-                wire = sock.recv(65535)
-                try:
-                    response = dns.message.from_wire(wire)
-                except dns.exception.DNSException:
-                    continue
-                if response.id == query.id:
-                    break
-        except ConnectionRefusedError:
-            raise TorUnavailable(f"tor DNSPort {format_hostport(dns_port)} refused the query: is "
-                                 "tor running with 'DNSPort' set?") from None
-        except TimeoutError:
-            raise TorUnavailable(f"tor DNSPort {format_hostport(dns_port)} did not answer within "
-                                 f"{timeout:g}s") from None
+            sock.send(lookup.request())
+            while (response := lookup.response(sock.recv(65535))) is None:
+                pass
         except OSError as exc:
-            raise TorUnavailable(f"tor DNSPort {format_hostport(dns_port)}: "
-                                 f"{exc.strerror or exc}") from None
-    return parse_automap_answer(host, response, virtual_network, dns_port)
+            raise lookup.failure(exc, timeout) from None
+    return lookup.result(response)
 
 
 class _OneAnswer(asyncio.DatagramProtocol):
-    def __init__(self, query_id: int) -> None:
-        self.query_id = query_id
+    def __init__(self, lookup: AutomapLookup) -> None:
+        self.lookup = lookup
         self.answer: asyncio.Future[dns.message.Message] = (
             asyncio.get_running_loop().create_future())
 
     def datagram_received(self, data: bytes, addr) -> None:
-        try:
-            message = dns.message.from_wire(data)
-        except dns.exception.DNSException:
-            return
-        if message.id == self.query_id and not self.answer.done():
+        message = self.lookup.response(data)
+        if message is not None and not self.answer.done():
             self.answer.set_result(message)
 
     def error_received(self, exc: Exception) -> None:
@@ -117,25 +139,18 @@ async def aresolve_automap(
     virtual_network: str = DEFAULT_VIRTUAL_NETWORK,
 ) -> ipaddress.IPv4Address:
     """Async :func:`resolve_automap` (for the daemon)."""
-    host = parse_onion(onion).host
-    query = automap_query(host)
+    lookup = AutomapLookup(onion, dns_port, virtual_network)
     loop = asyncio.get_running_loop()
-    where = format_hostport(dns_port)
     try:
         transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneAnswer(query.id), remote_addr=dns_port)
+            lambda: _OneAnswer(lookup), remote_addr=dns_port)
     except OSError as exc:
-        raise TorUnavailable(f"tor DNSPort {where}: {exc.strerror or exc}") from None
+        raise lookup.failure(exc, timeout) from None
     try:
-        transport.sendto(query.to_wire())
+        transport.sendto(lookup.request())
         response = await asyncio.wait_for(protocol.answer, timeout)
-    except ConnectionRefusedError:
-        raise TorUnavailable(f"tor DNSPort {where} refused the query: is tor running with "
-                             "'DNSPort' set?") from None
-    except TimeoutError:
-        raise TorUnavailable(f"tor DNSPort {where} did not answer within {timeout:g}s") from None
     except OSError as exc:
-        raise TorUnavailable(f"tor DNSPort {where}: {exc.strerror or exc}") from None
+        raise lookup.failure(exc, timeout) from None
     finally:
         transport.close()
-    return parse_automap_answer(host, response, virtual_network, dns_port)
+    return lookup.result(response)

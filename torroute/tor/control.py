@@ -1,36 +1,34 @@
-"""Tor's control port (through stem): check and fix tor's settings, run onion services.
+"""Tor's control port, through stem: check and fix tor's settings, run onion services.
 
-Every seed told the admin to hand-edit torrc, restart tor and ``cat hostname``.  This module does
+Every seed told the admin to hand-edit torrc, restart tor and ``cat hostname``.  :class:`Tor` does
 it through the control port, safely: it only ever *adds* to tor's configuration (a SETCONF of a
 multi-value option such as ``SocksPort`` or the ``HiddenService*`` lines replaces all of them, so
 every existing value is sent again), and it refuses to publish an onion whose port 25 leads to an
-smtpd that relays for 127.0.0.1 (onion connections arrive from 127.0.0.1, which Postfix's
-``mynetworks`` trusts: that would be an open relay for all of Tor).
+smtpd that relays for 127.0.0.1 (:mod:`torroute.tor.relay_probe`).
 
-Pure parsing and planning functions (``parse_*``, :func:`check_settings`, :func:`plan_ensure`,
-:func:`classify_rcpt_reply`) are separate from the I/O edges (:class:`Tor`, :func:`probe_relay`).
+This module is only the connection (connect, authenticate, commands, events); what it decides
+with is pure and lives beside it: the control-protocol codec (:mod:`torroute.protocols.control`),
+the settings checks and plan (:mod:`torroute.tor.settings`), onion service keys and directories
+(:mod:`torroute.tor.onion_service`).
 """
 
 from __future__ import annotations
 
 import base64
 import grp
-import hashlib
-import ipaddress
 import logging
 import os
 import pwd
 import queue
-import re
-import socket
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..endpoint import format_hostport, parse_hostport
 from ..errors import (
     ConfigError,
     ControlAuthError,
@@ -41,25 +39,39 @@ from ..errors import (
     SaveConfError,
     TorRefused,
 )
-from ..routing.onion import onion_from_pubkey, parse_onion
-from .torrc import (
-    ONION_SUFFIX,
-    HostPort,
-    PortMapping,
-    format_hostport,
-    parse_hidden_service_port,
+from ..protocols.control import (
+    Bootstrap,
+    HsDescEvent,
+    getinfo_value,
+    parse_address_mappings,
+    parse_bootstrap,
+    parse_getconf,
+    parse_hs_desc,
+    parse_quoted_list,
+    reverse_lookup,
+    setconf_command,
 )
+from ..routing.onion import parse_onion
+from .onion_service import (
+    KEY_PREFIX,
+    HsBlock,
+    OnionService,
+    address_from_expanded_key,
+    directory_address,
+    flatten_hidden_services,
+    group_hidden_services,
+    new_expanded_key,
+    norm_dir,
+    read_key_file,
+    write_key_file,
+)
+from .relay_probe import relay_check, relay_refusal
+from .settings import EnsureResult, Status, TorSettings, check_settings, plan_ensure
+from .torrc import DEFAULT_VIRTUAL_NETWORK, PortMapping
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-# --------------------------------------------------------------------------------------------
-# Pure parsing
 
 
 @dataclass(frozen=True)
@@ -73,8 +85,6 @@ class ControlEndpoint:
     @classmethod
     def parse(cls, text: str) -> ControlEndpoint:
         """``unix:PATH``, ``inet:HOST:PORT``, ``/PATH``, ``HOST:PORT`` or ``PORT``."""
-        from ..endpoint import parse_hostport
-
         text = text.strip()
         if text.startswith("unix:"):
             text = text[5:]
@@ -94,724 +104,6 @@ class ControlEndpoint:
         if self.path:
             return f"unix:{self.path}"
         return f"inet:{format_hostport((self.host, self.port))}"
-
-
-_TOKEN = re.compile(r'([A-Za-z_][\w-]*)=("(?:[^"\\]|\\.)*"|\S*)|("(?:[^"\\]|\\.)*"|\S+)')
-
-
-def unquote(text: str) -> str:
-    """Undo control-protocol quoting (``"a \\"b\\""`` -> ``a "b"``); unquoted text is kept."""
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
-        return re.sub(r"\\(.)", r"\1", text[1:-1])
-    return text
-
-
-def quote(value: str) -> str:
-    """Quote a value for SETCONF/ADD_ONION (control-spec QuotedString)."""
-    if "\r" in value or "\n" in value or "\0" in value:
-        raise ConfigError(f"{value!r}: line breaks are not allowed in tor options")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def parse_keywords(text: str) -> tuple[list[str], dict[str, str]]:
-    """Split a control-protocol line into positional words and ``KEY=value`` pairs."""
-    positional: list[str] = []
-    keywords: dict[str, str] = {}
-    for match in _TOKEN.finditer(text):
-        if match.group(1):
-            keywords[match.group(1).upper()] = unquote(match.group(2))
-        else:
-            positional.append(unquote(match.group(3)))
-    return positional, keywords
-
-
-@dataclass(frozen=True)
-class Bootstrap:
-    """``GETINFO status/bootstrap-phase``: how far tor is in connecting to the Tor network."""
-
-    progress: int
-    tag: str = ""
-    summary: str = ""
-    warning: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.progress >= 100
-
-
-def parse_bootstrap(text: str) -> Bootstrap:
-    """``NOTICE BOOTSTRAP PROGRESS=5 TAG=conn SUMMARY="Connecting to a relay" [WARNING=...]``."""
-    _, kw = parse_keywords(text)
-    try:
-        progress = int(kw.get("PROGRESS", "0"))
-    except ValueError:
-        progress = 0
-    return Bootstrap(progress, kw.get("TAG", ""), kw.get("SUMMARY", ""), kw.get("WARNING"))
-
-
-def parse_quoted_list(text: str) -> list[str]:
-    """``"127.0.0.1:9050" "127.0.0.1:9051"`` (GETINFO net/listeners/*) -> the addresses."""
-    return [unquote(m.group(0)) for m in re.finditer(r'"(?:[^"\\]|\\.)*"|\S+', text)]
-
-
-def parse_getconf(lines: Iterable[str]) -> list[tuple[str, str | None]]:
-    """GETCONF reply lines (``Key=value`` or a bare ``Key`` for an unset option) in order."""
-    out: list[tuple[str, str | None]] = []
-    for line in lines:
-        key, sep, value = line.partition("=")
-        out.append((key, unquote(value) if sep else None))
-    return out
-
-
-@dataclass(frozen=True)
-class PortOption:
-    """One ``SocksPort``/``DNSPort`` value: an address and its flags."""
-
-    address: str
-    flags: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, value: str) -> PortOption:
-        words = value.split()
-        return cls(words[0] if words else "", tuple(words[1:]))
-
-    def has_flag(self, flag: str) -> bool:
-        return any(f.lower() == flag.lower() for f in self.flags)
-
-    def with_flag(self, flag: str) -> PortOption:
-        return self if self.has_flag(flag) else PortOption(self.address, self.flags + (flag,))
-
-    def __str__(self) -> str:
-        return " ".join((self.address,) + self.flags)
-
-
-def port_address(address: str) -> HostPort | None:
-    """Where a port option listens, as tor reads it (``9050`` -> 127.0.0.1:9050); None for
-    ``0`` (off), ``auto`` or unix sockets."""
-    address = address.strip()
-    if address.isdigit():
-        return ("127.0.0.1", int(address)) if int(address) else None
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or address.startswith("unix:"):
-        return None
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    return host, int(port)
-
-
-def _same_address(a: HostPort | None, b: HostPort) -> bool:
-    if a is None or a[1] != b[1]:
-        return False
-    try:
-        return ipaddress.ip_address(a[0]) == ipaddress.ip_address(b[0])
-    except ValueError:
-        return a[0].lower() == b[0].lower()
-
-
-@dataclass(frozen=True)
-class AddressMapping:
-    """One line of ``GETINFO address-mappings/all``."""
-
-    address: str
-    target: str
-    expires: str  # "NEVER" or a UTC time
-
-
-def parse_address_mappings(text: str) -> list[AddressMapping]:
-    """``127.192.1.2 abc...xyz.onion NEVER`` lines (times may be quoted)."""
-    out: list[AddressMapping] = []
-    for line in text.splitlines():
-        words, _ = parse_keywords(line)
-        if len(words) >= 3:
-            out.append(AddressMapping(words[0], words[1], " ".join(words[2:])))
-    return out
-
-
-def reverse_lookup(mappings: Iterable[AddressMapping], ip: str) -> str | None:
-    """The .onion name tor automapped to ``ip`` (a virtual address), or None."""
-    try:
-        wanted = ipaddress.ip_address(ip.strip().strip("[]"))
-    except ValueError:
-        raise ConfigError(f"{ip!r} is not an IP address") from None
-    for m in mappings:
-        try:
-            if ipaddress.ip_address(m.address) == wanted and m.target.endswith(".onion"):
-                return m.target.lower()
-        except ValueError:
-            continue
-    return None
-
-
-@dataclass(frozen=True)
-class HsDescEvent:
-    """One HS_DESC event (``650 HS_DESC ACTION ADDRESS AUTH HSDIR ...``)."""
-
-    action: str
-    address: str  # without ".onion"
-    hsdir: str = ""
-    reason: str | None = None
-
-
-def parse_hs_desc(text: str) -> HsDescEvent | None:
-    words, kw = parse_keywords(text)
-    if words and words[0] == "650":
-        words = words[1:]
-    if len(words) < 3 or words[0] != "HS_DESC":
-        return None
-    return HsDescEvent(words[1].upper(), words[2].lower().removesuffix(".onion"),
-                       words[4] if len(words) > 4 else "", kw.get("REASON"))
-
-
-# --------------------------------------------------------------------------------------------
-# Tor's client settings: check and plan the missing ones (pure)
-
-
-@dataclass
-class TorSettings:
-    """What torroute needs to know of tor's client configuration."""
-
-    socks_ports: list[str] = field(default_factory=list)  # GETCONF SocksPort values
-    dns_ports: list[str] = field(default_factory=list)
-    socks_listeners: list[str] = field(default_factory=list)  # GETINFO net/listeners/socks
-    dns_listeners: list[str] = field(default_factory=list)
-    automap: bool = False
-    suffixes: list[str] = field(default_factory=lambda: [".onion", ".exit"])
-    virtual_network: str = "127.192.0.0/10"
-    disable_network: bool = False
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Something in tor's setup that stops (``error``) or hampers (``warning``) torroute."""
-
-    option: str
-    problem: str
-    fix: str
-    severity: str = "error"
-    fixable: bool = True  # ``torroute tor ensure`` fixes it
-
-    def line(self) -> str:
-        return f"{self.severity}: {self.option}: {self.problem}; fix: {self.fix}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"option": self.option, "severity": self.severity, "problem": self.problem,
-                "fix": self.fix, "fixable": self.fixable}
-
-
-def suffixes_cover_onion(suffixes: Iterable[str]) -> bool:
-    """Does ``AutomapHostsSuffixes`` automap ``.onion`` names (tor matches by string suffix;
-    ``.`` means every name)?"""
-    return any(s == "." or (s and "x.onion".endswith(s.lower())) for s in suffixes)
-
-
-def _listens(values: Sequence[str], listeners: Sequence[str], address: HostPort) -> bool:
-    return any(_same_address(port_address(v), address)
-               for v in list(values) + list(listeners))
-
-
-def _find_port(values: Sequence[str], address: HostPort) -> int | None:
-    for i, value in enumerate(values):
-        if _same_address(port_address(PortOption.parse(value).address), address):
-            return i
-    return None
-
-
-def _socks_values(settings: TorSettings) -> list[str]:
-    """The SocksPort values in force; an unset SocksPort means tor's default (9050), which
-    listens although GETCONF shows nothing: keep it when adding ours."""
-    if settings.socks_ports:
-        return list(settings.socks_ports)
-    return list(settings.socks_listeners)
-
-
-def check_settings(settings: TorSettings, config: Config) -> list[Problem]:
-    """Every way tor's client settings fail torroute, each with its fix."""
-    problems: list[Problem] = []
-    socks, dns = config.tor_socks, config.tor_dns
-    socks_s, dns_s = format_hostport(socks), format_hostport(dns)
-    socks_values = _socks_values(settings)
-    index = _find_port(socks_values, socks)
-    if index is None and not _listens([], settings.socks_listeners, socks):
-        have = ", ".join(settings.socks_listeners) or "none"
-        problems.append(Problem(
-            "SocksPort", f"tor has no SocksPort at {socks_s} (it listens on: {have})",
-            f"torroute tor ensure, or add 'SocksPort {socks_s} ExtendedErrors' to torrc "
-            "(or point [tor] socks at one of tor's SocksPorts)"))
-    elif index is not None and not PortOption.parse(socks_values[index]).has_flag(
-            "ExtendedErrors"):
-        problems.append(Problem(
-            "SocksPort", f"SocksPort {socks_s} lacks ExtendedErrors: onion failures all look "
-            "like 'general failure' (mail still defers, but the reason is lost)",
-            f"torroute tor ensure, or add the ExtendedErrors flag to 'SocksPort {socks_s}'",
-            severity="warning"))
-    if not _listens(settings.dns_ports, settings.dns_listeners, dns):
-        have = ", ".join(settings.dns_listeners) or "none"
-        problems.append(Problem(
-            "DNSPort", f"tor has no DNSPort at {dns_s} (it listens on: {have}); the automap "
-            "lookups (Exim, tor resolve) fail",
-            f"torroute tor ensure, or add 'DNSPort {dns_s}' to torrc"))
-    if not settings.automap:
-        problems.append(Problem(
-            "AutomapHostsOnResolve", "is 0: tor's DNSPort answers .onion names with an error "
-            "instead of a virtual address",
-            "torroute tor ensure, or add 'AutomapHostsOnResolve 1' to torrc"))
-    if not suffixes_cover_onion(settings.suffixes):
-        problems.append(Problem(
-            "AutomapHostsSuffixes", f"{','.join(settings.suffixes) or '(empty)'} does not "
-            "include .onion", "torroute tor ensure, or add .onion to AutomapHostsSuffixes"))
-    if settings.virtual_network.strip() != config.virtual_network.strip():
-        problems.append(Problem(
-            "VirtualAddrNetworkIPv4", f"tor maps onions into {settings.virtual_network}, "
-            f"torroute expects {config.virtual_network}",
-            f"set virtual_network = \"{settings.virtual_network}\" in torroute's [tor] table",
-            fixable=False))
-    return problems
-
-
-def plan_ensure(settings: TorSettings, config: Config) -> list[tuple[str, list[str]]]:
-    """The SETCONF changes (option -> complete new value list) that make tor fit torroute.
-
-    Only adds: every existing SocksPort/DNSPort value is kept (SETCONF replaces the whole list),
-    an existing SocksPort at torroute's address only gains the ExtendedErrors flag.
-    """
-    changes: list[tuple[str, list[str]]] = []
-    socks = config.tor_socks
-    values = _socks_values(settings)
-    index = _find_port(values, socks)
-    if index is None and not _listens([], settings.socks_listeners, socks):
-        new = [v for v in values if v.strip() != "0"]
-        changes.append(("SocksPort", new + [f"{format_hostport(socks)} ExtendedErrors"]))
-    elif index is not None:
-        option = PortOption.parse(values[index])
-        if not option.has_flag("ExtendedErrors"):
-            new = list(values)
-            new[index] = str(option.with_flag("ExtendedErrors"))
-            changes.append(("SocksPort", new))
-    if not _listens(settings.dns_ports, settings.dns_listeners, config.tor_dns):
-        new = [v for v in settings.dns_ports if v.strip() != "0"]
-        changes.append(("DNSPort", new + [format_hostport(config.tor_dns)]))
-    if not settings.automap:
-        changes.append(("AutomapHostsOnResolve", ["1"]))
-    if not suffixes_cover_onion(settings.suffixes):
-        changes.append(("AutomapHostsSuffixes", [",".join(settings.suffixes + [ONION_SUFFIX])]))
-    return changes
-
-
-def setconf_command(changes: Sequence[tuple[str, Sequence[str | None]]],
-                    verb: str = "SETCONF") -> str:
-    """``SETCONF Key="v1" Key="v2" Other`` (a None value or an empty list unsets the option)."""
-    words = [verb]
-    for key, values in changes:
-        if not values:
-            words.append(key)
-        for value in values:
-            words.append(key if value is None else f"{key}={quote(value)}")
-    return " ".join(words)
-
-
-# --------------------------------------------------------------------------------------------
-# Onion services (pure parts)
-
-
-@dataclass
-class OnionService:
-    """An onion service of this tor: persistent (``directory``) or ephemeral (ADD_ONION)."""
-
-    address: str | None  # "<56 chars>.onion"; None when the hostname file is unreadable
-    ports: list[PortMapping] = field(default_factory=list)
-    directory: str | None = None
-    key_file: str | None = None
-    options: list[tuple[str, str]] = field(default_factory=list)  # other HiddenService* lines
-    uploaded: bool | None = None  # HS_DESC UPLOADED seen (None: did not wait)
-    changed: bool = True  # False when create found it already configured like this
-    note: str | None = None
-
-    @property
-    def ephemeral(self) -> bool:
-        return self.directory is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"address": self.address, "ephemeral": self.ephemeral,
-                "directory": self.directory, "key_file": self.key_file,
-                "ports": [str(p) for p in self.ports], "uploaded": self.uploaded,
-                "changed": self.changed, "note": self.note}
-
-
-@dataclass
-class HsBlock:
-    """The torrc lines of one persistent service, starting with its HiddenServiceDir."""
-
-    directory: str
-    lines: list[tuple[str, str]] = field(default_factory=list)  # everything after the Dir line
-
-    @property
-    def ports(self) -> list[PortMapping]:
-        return [parse_hidden_service_port(v) for k, v in self.lines
-                if k.lower() == "hiddenserviceport"]
-
-    @property
-    def options(self) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in self.lines if k.lower() != "hiddenserviceport"]
-
-
-def group_hidden_services(lines: Iterable[tuple[str, str | None]]) -> list[HsBlock]:
-    """GETCONF HiddenServiceOptions -> one block per HiddenServiceDir, in tor's order."""
-    blocks: list[HsBlock] = []
-    for key, value in lines:
-        if value is None:
-            continue
-        if key.lower() == "hiddenservicedir":
-            blocks.append(HsBlock(value))
-        elif blocks:
-            blocks[-1].lines.append((key, value))
-    return blocks
-
-
-def flatten_hidden_services(blocks: Iterable[HsBlock]) -> list[tuple[str, list[str]]]:
-    """Blocks -> SETCONF items, every line of every service in order (tor replaces them all)."""
-    items: list[tuple[str, list[str]]] = []
-    for block in blocks:
-        items.append(("HiddenServiceDir", [block.directory]))
-        items.extend((k, [v]) for k, v in block.lines)
-    return items
-
-
-def _norm_dir(path: str) -> str:
-    return os.path.normpath(path)
-
-
-# Ephemeral service keys: tor's ADD_ONION "ED25519-V3:<base64 of the 64-byte expanded key>".
-
-KEY_PREFIX = "ED25519-V3:"
-_TOR_SECRET_HEADER = b"== ed25519v1-secret: type0 =="
-
-
-def new_expanded_key() -> bytes:
-    """A fresh 64-byte expanded ed25519 secret key, as tor makes one (clamped SHA-512 of a
-    random seed).  Made here so that the key is on disk before tor ever sees it."""
-    digest = bytearray(hashlib.sha512(os.urandom(32)).digest())
-    digest[0] &= 248
-    digest[31] &= 127
-    digest[31] |= 64
-    return bytes(digest)
-
-
-def address_from_expanded_key(key: bytes) -> str:
-    """The onion address of an expanded secret key: the public key is ``a*B``."""
-    from ..routing.ed25519 import public_key_from_seed_scalar
-
-    if len(key) != 64:
-        raise ConfigError("an ED25519-V3 onion key is 64 bytes")
-    return onion_from_pubkey(public_key_from_seed_scalar(int.from_bytes(key[:32], "little")))
-
-
-def decode_key_file(data: bytes, where: str = "key file") -> bytes:
-    """Accept torroute's/ADD_ONION's ``ED25519-V3:base64`` and tor's own
-    ``hs_ed25519_secret_key`` (so a persistent service can move to an ephemeral one)."""
-    if data.startswith(_TOR_SECRET_HEADER):
-        if len(data) != 96:
-            raise ConfigError(f"{where}: a tor hs_ed25519_secret_key file is 96 bytes")
-        return data[32:]
-    text = data.decode("ascii", "replace").strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith(KEY_PREFIX):
-            try:
-                key = base64.b64decode(line[len(KEY_PREFIX):], validate=True)
-            except ValueError:
-                break
-            if len(key) == 64:
-                return key
-            break
-    raise ConfigError(f"{where}: not an onion key (expected a line 'ED25519-V3:<base64>' or "
-                      "tor's hs_ed25519_secret_key)")
-
-
-def encode_key_file(key: bytes) -> bytes:
-    address = address_from_expanded_key(key)
-    return (f"# torroute onion service key for {address}: keep it secret, keep it safe\n"
-            f"{KEY_PREFIX}{base64.b64encode(key).decode('ascii')}\n").encode("ascii")
-
-
-def read_key_file(path: Path) -> bytes:
-    """Read an onion key, refusing one that others can read (the key *is* the address)."""
-    try:
-        st = path.stat()
-        data = path.read_bytes()
-    except PermissionError:
-        raise ConfigError(f"onion key file {path}: permission denied") from None
-    except OSError as exc:
-        raise ConfigError(f"onion key file {path}: {exc.strerror}") from None
-    if st.st_mode & 0o077:
-        raise ConfigError(f"onion key file {path} is readable by others (mode "
-                          f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 {path}")
-    return decode_key_file(data, str(path))
-
-
-def write_key_file(path: Path, key: bytes) -> None:
-    """Write the key 0600 atomically and durably; never overwrite an existing key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encode_key_file(key))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)  # fails if the key appeared meanwhile: never replace a key
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def key_file_address(path: Path) -> str:
-    """The onion address an ephemeral service made from this key file gets."""
-    return address_from_expanded_key(read_key_file(path))
-
-
-def directory_address(directory: Path, wait: float = 0.0) -> str:
-    """The address of a persistent service: its ``hostname`` file (made by tor)."""
-    hostname = directory / "hostname"
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            text = hostname.read_text(errors="replace").strip()
-            return parse_onion(text).host
-        except FileNotFoundError:
-            if time.monotonic() >= deadline:
-                raise ConfigError(f"{hostname} does not exist: is {directory} a "
-                                  "HiddenServiceDir of a running tor?") from None
-            time.sleep(0.05)
-        except PermissionError:
-            raise ConfigError(f"{hostname}: permission denied (the directory belongs to tor's "
-                              "user: run as root or as that user)") from None
-
-
-# --------------------------------------------------------------------------------------------
-# The open-relay trap: SMTP probe (pure reply handling + a small I/O edge)
-
-PROBE_HELO = "relay-check.torroute.invalid"
-PROBE_RCPT = "relay-probe@relay-check.invalid"
-RELAY_CHECK_PORTS = (25, 587)  # onion ports where an smtpd relaying for 127.0.0.1 is a trap
-
-
-@dataclass(frozen=True)
-class SmtpReply:
-    code: int
-    lines: tuple[str, ...]
-
-    @property
-    def text(self) -> str:
-        return " / ".join(self.lines)
-
-
-def parse_smtp_reply(buffer: bytes) -> tuple[SmtpReply | None, bytes]:
-    """Take one complete (possibly multi-line) reply off ``buffer``: (reply or None, rest)."""
-    lines: list[str] = []
-    rest = buffer
-    while b"\n" in rest:
-        raw, rest = rest.split(b"\n", 1)
-        line = raw.rstrip(b"\r").decode("utf-8", "replace")
-        if len(line) < 3 or not line[:3].isdigit():
-            raise ValueError(f"not an SMTP reply: {line[:80]!r}")
-        lines.append(line[4:])
-        if len(line) == 3 or line[3] == " ":
-            return SmtpReply(int(line[:3]), tuple(lines)), rest
-    return None, buffer
-
-
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-def classify_rcpt_reply(reply: SmtpReply) -> str:
-    """``open`` (the smtpd takes mail for a foreign domain from us), ``closed`` (refused as
-    relaying: enhanced code X.7.x or the word 'relay') or ``inconclusive`` (refused for another
-    reason, e.g. the probe domain does not resolve: relaying may still be allowed)."""
-    if reply.code in (250, 251, 252):
-        return "open"
-    text = re.sub(r"<[^>]*>", "", reply.text.lower())  # our probe address says "relay" too
-    enhanced = _ENHANCED.match(reply.text)
-    if (enhanced and enhanced.group(2) == "7") or "relay" in text:
-        return "closed"
-    return "inconclusive"
-
-
-@dataclass(frozen=True)
-class RelayVerdict:
-    """What the probe of one onion port's target found."""
-
-    mapping: PortMapping
-    verdict: str  # open | closed | inconclusive | no-listener | not-smtp
-    detail: str
-
-    @property
-    def refuse(self) -> bool:
-        return self.verdict in ("open", "inconclusive")
-
-    def line(self) -> str:
-        return f"onion port {self.mapping.virtual} -> {self.mapping.target}: {self.verdict} " \
-               f"({self.detail})"
-
-
-def probe_relay(mapping: PortMapping, timeout: float = 5.0) -> RelayVerdict:
-    """Ask the smtpd behind an onion port to relay, as an onion client would (it connects from
-    127.0.0.1).  Sends EHLO, ``MAIL FROM:<>`` and ``RCPT TO:<relay-probe@relay-check.invalid>``,
-    then RSET and QUIT: no mail is ever sent."""
-    tcp = mapping.tcp_target
-    try:
-        if tcp is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            sock.connect(mapping.target[5:])
-        else:
-            sock = socket.create_connection(tcp, timeout=timeout)
-    except OSError as exc:
-        return RelayVerdict(mapping, "no-listener", f"cannot connect: {exc.strerror or exc}")
-    buffer = b""
-
-    def reply() -> SmtpReply:
-        nonlocal buffer
-        while True:
-            parsed, buffer = parse_smtp_reply(buffer)
-            if parsed is not None:
-                return parsed
-            chunk = sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("connection closed")
-            buffer += chunk
-            if len(buffer) > 65536:
-                raise ValueError("SMTP reply too long")
-
-    def command(line: str) -> SmtpReply:
-        sock.sendall(line.encode("ascii") + b"\r\n")
-        return reply()
-
-    try:
-        with sock:
-            banner = reply()
-            if banner.code != 220:
-                return RelayVerdict(mapping, "not-smtp" if banner.code < 400 else "inconclusive",
-                                    f"banner {banner.code} {banner.text}")
-            hello = command(f"EHLO {PROBE_HELO}")
-            if hello.code != 250:
-                hello = command(f"HELO {PROBE_HELO}")
-            if hello.code != 250:
-                return RelayVerdict(mapping, "inconclusive", f"HELO: {hello.code} {hello.text}")
-            mail = command("MAIL FROM:<>")
-            if mail.code != 250:
-                return RelayVerdict(mapping, "inconclusive",
-                                    f"MAIL FROM:<>: {mail.code} {mail.text}")
-            rcpt = command(f"RCPT TO:<{PROBE_RCPT}>")
-            verdict = classify_rcpt_reply(rcpt)
-            try:
-                command("RSET")
-                command("QUIT")
-            except (OSError, ValueError):
-                pass
-            return RelayVerdict(mapping, verdict,
-                                f"RCPT TO:<{PROBE_RCPT}>: {rcpt.code} {rcpt.text}")
-    except ValueError as exc:
-        return RelayVerdict(mapping, "not-smtp", str(exc))
-    except OSError as exc:  # timeouts, resets, closed connections
-        return RelayVerdict(mapping, "inconclusive", f"SMTP dialogue failed: {exc}")
-
-
-def relay_check(ports: Sequence[PortMapping], timeout: float = 5.0) -> list[RelayVerdict]:
-    """Probe every SMTP-ish onion port (25, 587)."""
-    return [probe_relay(p, timeout) for p in ports if p.virtual in RELAY_CHECK_PORTS]
-
-
-def relay_refusal(verdicts: Sequence[RelayVerdict]) -> str | None:
-    """The explanation for refusing to publish, or None when every probed port is safe."""
-    bad = [v for v in verdicts if v.refuse]
-    if not bad:
-        return None
-    lines = ["refusing to publish this onion service (use --force if you are sure):"]
-    for v in bad:
-        lines.append("  " + v.line())
-    lines.append(
-        "  onion connections reach the target from 127.0.0.1, which the smtpd trusts "
-        "(Postfix: mynetworks); it would relay mail for anyone on Tor.  Point the onion "
-        "port at a dedicated smtpd that trusts nobody, e.g. in Postfix's master.cf: "
-        "'127.0.0.1:2525 inet n - y - - smtpd -o mynetworks= "
-        "-o smtpd_relay_restrictions=reject_unauth_destination', and use --port 25=127.0.0.1:2525")
-    if any(v.verdict == "inconclusive" for v in bad):
-        lines.append("  (inconclusive: the smtpd refused the probe for another reason than "
-                     "relaying, so the probe could not tell; check its relay rules by hand)")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# The control connection (I/O edge)
-
-
-@dataclass
-class Status:
-    """``torroute tor status``: tor's state and whether its settings suit torroute."""
-
-    control: str
-    version: str
-    bootstrap: Bootstrap
-    network_liveness: str
-    circuit_established: bool
-    settings: TorSettings
-    problems: list[Problem]
-
-    @property
-    def ok(self) -> bool:
-        """No setting problem that breaks torroute (warnings allowed)."""
-        return not any(p.severity == "error" for p in self.problems)
-
-    @property
-    def ready(self) -> bool:
-        """Onion mail can flow now: settings fine and tor connected to the network."""
-        return self.ok and self.bootstrap.done and not self.settings.disable_network
-
-    def runtime_notes(self) -> list[str]:
-        notes = []
-        if self.settings.disable_network:
-            notes.append("DisableNetwork is 1: tor does not connect to the Tor network "
-                         "(fix: SETCONF DisableNetwork=0 or remove it from torrc)")
-        elif not self.bootstrap.done:
-            why = f"; {self.bootstrap.warning}" if self.bootstrap.warning else ""
-            notes.append(f"tor is not connected to the Tor network yet ({self.bootstrap.progress}%"
-                         f": {self.bootstrap.summary}{why}): onion mail defers until it is")
-        return notes
-
-    def to_dict(self) -> dict[str, Any]:
-        s = self.settings
-        return {
-            "control": self.control, "version": self.version,
-            "bootstrap": {"progress": self.bootstrap.progress, "tag": self.bootstrap.tag,
-                          "summary": self.bootstrap.summary, "warning": self.bootstrap.warning},
-            "network_liveness": self.network_liveness,
-            "circuit_established": self.circuit_established,
-            "disable_network": s.disable_network,
-            "socks_ports": s.socks_ports, "socks_listeners": s.socks_listeners,
-            "dns_ports": s.dns_ports, "dns_listeners": s.dns_listeners,
-            "automap_hosts_on_resolve": s.automap, "automap_hosts_suffixes": s.suffixes,
-            "virtual_network": s.virtual_network,
-            "problems": [p.to_dict() for p in self.problems],
-            "notes": self.runtime_notes(), "ok": self.ok, "ready": self.ready,
-        }
-
-
-@dataclass
-class EnsureResult:
-    changes: list[tuple[str, list[str]]]
-    applied: bool
-    saved: bool
-    remaining: list[Problem]  # problems ensure cannot fix
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"changes": [{"option": k, "values": v} for k, v in self.changes],
-                "command": setconf_command(self.changes) if self.changes else None,
-                "applied": self.applied, "saved": self.saved,
-                "remaining": [p.to_dict() for p in self.remaining]}
 
 
 class Tor:
@@ -905,13 +197,8 @@ class Tor:
         if not reply.is_ok():
             code, _, message = reply.content()[0]
             raise TorRefused(f"tor refused GETINFO {key}: {code} {message}", code, "GETINFO")
-        for _, divider, content in reply.content():
-            name, _, value = content.partition("=")
-            if name == key:
-                if divider == "+":
-                    return value.split("\n", 1)[1] if "\n" in value else ""
-                return value
-        return ""
+        value = getinfo_value([(divider, text) for _, divider, text in reply.content()], key)
+        return "" if value is None else value
 
     def setconf(self, changes: Sequence[tuple[str, Sequence[str | None]]]) -> None:
         self.command(setconf_command(changes))
@@ -963,7 +250,7 @@ class Tor:
             dns_listeners=parse_quoted_list(self._getinfo_or("net/listeners/dns", "")),
             automap=one("AutomapHostsOnResolve", "0") == "1",
             suffixes=[s for s in suffixes.split(",") if s],
-            virtual_network=one("VirtualAddrNetworkIPv4", "127.192.0.0/10"),
+            virtual_network=one("VirtualAddrNetworkIPv4", DEFAULT_VIRTUAL_NETWORK),
             disable_network=one("DisableNetwork", "0") == "1",
         )
 
@@ -1105,7 +392,7 @@ class Tor:
         if not directory.startswith("/"):
             raise ConfigError(f"{directory!r}: the service directory must be an absolute path")
         blocks = self.hidden_service_blocks()
-        mine = next((b for b in blocks if _norm_dir(b.directory) == _norm_dir(directory)), None)
+        mine = next((b for b in blocks if norm_dir(b.directory) == norm_dir(directory)), None)
         changed = True
         if mine is None:
             blocks.append(HsBlock(directory, [("HiddenServicePort", p.torrc_value)
@@ -1191,7 +478,7 @@ class Tor:
             if not which.startswith("/"):
                 raise ConfigError(f"{which!r}: give an onion address or an absolute directory")
             blocks = self.hidden_service_blocks()
-            found = next((b for b in blocks if _norm_dir(b.directory) == _norm_dir(which)), None)
+            found = next((b for b in blocks if norm_dir(b.directory) == norm_dir(which)), None)
         if found is None:
             raise OnionNotFound(f"tor runs no onion service {which}")
         rest = [b for b in blocks if b is not found]

@@ -12,11 +12,13 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from ..endpoint import HostPort, format_hostport
+from ..config import Config
+from ..endpoint import HostPort, format_hostport, parse_hostport
 
 #: The suffix tor must automap for torroute (tor's default list is ".onion,.exit").
 ONION_SUFFIX = ".onion"
-DEFAULT_VIRTUAL_NETWORK = "127.192.0.0/10"
+#: tor's default VirtualAddrNetworkIPv4, defined once: as the default of Config.virtual_network
+DEFAULT_VIRTUAL_NETWORK: str = Config.virtual_network
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,18 @@ class PortMapping:
         """(ip, port) for a TCP target, None for a unix socket."""
         if self.target.startswith("unix:"):
             return None
-        host, _, port = self.target.rpartition(":")
-        return host.strip("[]"), int(port)
+        return parse_hostport(self.target)
 
     def __str__(self) -> str:
         return f"{self.virtual}={self.target}"
 
 
 def parse_target(text: str, default_port: int) -> str:
-    """Normalise a service target: ``PORT``, ``IP:PORT``, ``[V6]:PORT`` or ``unix:PATH``."""
+    """Normalise a service target: ``PORT``, ``IP:PORT``, ``[V6]:PORT`` or ``unix:PATH``.
+
+    Not :func:`torroute.endpoint.parse_hostport`: this is tor's rule for a target (an IP
+    literal, never a name; a bare port means 127.0.0.1; like tor, ``::1:2525`` is ``[::1]:2525``
+    where parse_hostport refuses the ambiguity).  The result is in ``format_hostport`` form."""
     text = text.strip()
     if text.startswith("unix:"):
         if len(text) <= 5 or not text[5:].startswith("/"):
@@ -76,7 +81,7 @@ def parse_target(text: str, default_port: int) -> str:
         raise ValueError(f"{text!r}: the target must be an IP address (tor does not resolve "
                          "names here), e.g. 127.0.0.1:2525") from None
     port = _port(port_text, text)
-    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+    return format_hostport((str(address), port))
 
 
 def _port(text: str, whole: str) -> int:
