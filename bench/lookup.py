@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from support.onions import make_onion  # noqa: E402  (tests/support/onions.py: valid v3 addresses)
+
 from torroute.testing.dnsmasq import Dnsmasq, SrvRecord  # noqa: E402
 from torroute.testing.ports import free_port  # noqa: E402
 
