@@ -3,6 +3,7 @@ environment, and what pipe(8) reads from its output."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import tempfile
@@ -16,8 +17,10 @@ def worktree_program() -> str:
 
     Why: the venv's copy is refreshed only by scripts/install-deps.sh (skipped with
     TORROUTE_SKIP_INSTALL=1), and these tests must run the code next to them.  A 0755 script
-    in a 0755 directory, as pipe's user (nobody) needs; rewritten atomically at each import."""
-    directory = Path(tempfile.gettempdir()) / "torroute-worktree-bin"
+    in a 0755 directory, as pipe's user (nobody) needs; rewritten atomically at each import.
+    One directory per checkout: two checkouts' test runs at once must not run each other's code."""
+    tag = hashlib.sha1(str(REPO).encode()).hexdigest()[:12]
+    directory = Path(tempfile.gettempdir()) / f"torroute-worktree-bin-{tag}"
     directory.mkdir(mode=0o755, exist_ok=True)
     os.chmod(directory, 0o755)
     script = directory / "torroute"
