@@ -13,7 +13,7 @@ import sys
 
 from .. import __version__, exitcodes
 
-COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "control"]
+COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "send", "sink", "proxy", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:
