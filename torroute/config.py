@@ -251,7 +251,7 @@ def default_config_path() -> tuple[Path, bool]:
 #: load_config's keyword overrides: the Config attributes a TOML key sets
 OVERRIDE_KEYS: frozenset[str] = frozenset(_CONFIG_ATTRIBUTES)
 #: the tables other modules read through Config.section (given whole, checked by their reader)
-OTHER_TABLES: tuple[str, ...] = ("deliver", "serve")
+OTHER_TABLES: tuple[str, ...] = ("deliver", "serve", "sink", "proxy")
 
 
 def load_config(path: Path | str | None = None, **overrides: Any) -> Config:

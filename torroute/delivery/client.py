@@ -128,7 +128,10 @@ def send_message(msg: Message | bytes | str, from_addr: str | None = None,
     ``user@<onion>.onion`` as is); recipients with the same onion MX get one SMTP transaction,
     and their own results (a refused RCPT does not fail the others).  A temporary failure
     before MAIL tries the domain's further SRV targets.  Settings: ``config``'s ``[deliver]``
-    table (ehlo_name, timeouts, time_limit per transaction, starttls) and ``tor_socks``.
+    table (ehlo_name, timeouts, time_limit per transaction, starttls) and ``tor_socks``; the
+    ``scrub_*`` header policy for senders with an onion identity (docs/scrub.rst: by
+    default mail from a ``.onion`` sender leaves without Received, Message-ID, X-Mailer and
+    User-Agent, with a new Message-ID).
 
     Never sent in the clear: a recipient without an onion route gets ``bounced`` 5.4.4 ("no
     onion route ... not sent"); a DNS failure ``deferred`` 4.4.3; an invalid onion ``bounced``
@@ -162,7 +165,9 @@ def send_message(msg: Message | bytes | str, from_addr: str | None = None,
             results[rcpt] = _not_routed(decision)
     if groups:
         settings = DeliverSettings.from_config(cfg)
-        data = _flatten(msg)
+        # [deliver] scrub_*: once for all groups, on the LF message, before the client's CRLF
+        # and dot-stuffing -- as the pipe and the LMTP relay (docs/scrub.rst)
+        data = settings.scrubbed(from_addr, _flatten(msg))
         sender = envelope_sender(from_addr)
         for (first, alternatives), rcpts in groups.items():
             outcomes = _deliver_group([first, *alternatives], sender, rcpts, data, settings)

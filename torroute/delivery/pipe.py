@@ -131,6 +131,9 @@ def deliver(delivery: Delivery, message: bytes, settings: DeliverSettings,
         return temporary("4.3.5", "torroute deliver: no recipient (check the master.cf argv)")
     domains = recipient_domains(delivery.recipients) if settings.tls_verify else []
     sender = envelope_sender(delivery.sender)
+    # [deliver] scrub_*: once, on the message as Postfix gave it (LF), before the client's
+    # CRLF and dot-stuffing -- the relay and send_message do the same (docs/scrub.rst)
+    message = settings.scrubbed(delivery.sender, message)
     # all or nothing: one outcome for every recipient (the plan counts one)
     plan = TargetPlan([(host, port)], backups_known=config is None)
     while (target := plan.next(clock.left())) is not None:

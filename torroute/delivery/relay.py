@@ -166,6 +166,9 @@ class Relay:
             else:
                 replies[i] = rcpt_reply(451, "4.4.3", f"{decision.domain}: {decision.reason}")
         sender = envelope_sender(txn.sender.decode("utf-8", "surrogateescape"))
+        # [deliver] scrub_*: once per transaction, on the dot-unstuffed LF message, before the
+        # client's CRLF and dot-stuffing -- as the pipe and send_message (docs/scrub.rst)
+        message = self.settings.scrubbed(txn.sender, txn.message) if groups else txn.message
 
         async def one(group: tuple[Key, str], indexes: list[int]) -> None:
             key = group[0]
@@ -173,7 +176,7 @@ class Relay:
             order = [key, *next_targets(targets[group], key)]
             try:
                 async with asyncio.timeout(self.time_limit):  # for all targets together
-                    outcomes = await self._deliver(order, sender, rcpts, txn.message)
+                    outcomes = await self._deliver(order, sender, rcpts, message)
             except TimeoutError:
                 outcomes = [temporary("4.4.2", f"{key[0]}:{key[1]}: relay time limit "
                                       f"{self.time_limit:g}s reached")] * len(rcpts)

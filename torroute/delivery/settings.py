@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from ..config import Section, boolean, seconds, text
+from ..config import Section, boolean, domain_pattern, seconds, text
+from ..errors import ConfigError
 from ..protocols.smtp import Options
 
 STARTTLS_MODES = ("no", "opportunistic", "required")
@@ -14,12 +16,33 @@ OVERRIDABLE = ("ehlo_name", "starttls", "connect_timeout", "command_timeout", "d
                "require_onion")
 
 
+def _patterns(value: Any) -> tuple[str, ...]:
+    """Sender domain patterns, as the [routing] domain lists: ``d`` or ``.d`` (subdomains)."""
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of domain patterns")
+    return tuple(domain_pattern(text(v)) for v in value)
+
+
+def _header_names(value: Any) -> tuple[str, ...]:
+    """Header field names (``X-*``: every name with that prefix, as Exim's headers_remove)."""
+    if not isinstance(value, list):
+        raise ConfigError("expected a list of header names")
+    names = tuple(text(v).strip() for v in value)
+    for name in names:
+        if not name or not name.isascii() or any(c <= " " or c == ":" for c in name) \
+                or "*" in name[:-1]:
+            raise ConfigError(f"{name!r} is not a header field name")
+    return names
+
+
 #: the [deliver] table (the defaults are DeliverSettings' class attributes)
 DELIVER = Section("deliver", {
     "ehlo_name": text, "starttls": text, "tls_verify": boolean, "tls_ca_file": text,
     "pipelining": boolean, "connect_timeout": seconds, "command_timeout": seconds,
     "data_timeout": seconds, "time_limit": seconds, "isolate": boolean,
     "require_onion": boolean,
+    # the header policy for mail from onion identities (docs/scrub.rst)
+    "scrub_senders": _patterns, "scrub_headers": _header_names, "scrub_message_id": boolean,
 })
 
 
@@ -40,6 +63,11 @@ class DeliverSettings:
     isolate: bool = False  # IsolateSOCKSAuth: own circuits per destination
     require_onion: bool = True  # a non-onion nexthop is a configuration error: defer
     default_port: int = 25
+    #: scrub_*: whose mail is scrubbed (sender domain patterns; () = nobody's), which headers
+    #: (None: torroute.delivery.scrub.DEFAULT_HEADERS), whether a new Message-ID replaces the old
+    scrub_senders: tuple[str, ...] = (".onion",)
+    scrub_headers: tuple[str, ...] | None = None
+    scrub_message_id: bool = True
 
     def __init__(self, **values) -> None:
         for key, value in values.items():
@@ -76,6 +104,37 @@ class DeliverSettings:
         if not name or not name.isascii() or any(c.isspace() for c in name):
             raise ConfigError(f"deliver.ehlo_name {name!r}: expected one ASCII word")
         return settings
+
+    def scrub_domain(self, sender: str | bytes) -> str | None:
+        """The envelope sender's domain (lower case) if its mail is to be scrubbed, else None
+        (also for the null sender).  Cheap: the scrubber is imported only for such mail."""
+        if isinstance(sender, bytes):
+            sender = sender.decode("utf-8", "replace")
+        domain = sender.rpartition("@")[2].strip().rstrip(".").lower() if "@" in sender else ""
+        if not domain:
+            return None
+        if not domain.isascii():  # the patterns are A-labels (config.domain_pattern)
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                pass
+        for pattern in self.scrub_senders:
+            if domain == pattern or (pattern.startswith(".") and domain.endswith(pattern)):
+                return domain
+        return None
+
+    def scrubbed(self, sender: str | bytes, message: bytes) -> bytes:
+        """``message`` as it may leave for ``sender`` (docs/scrub.rst): unchanged unless the
+        sender's domain matches ``scrub_senders``.  Before the SMTP client's CRLF and
+        dot-stuffing, on every path the same.  Never raises."""
+        domain = self.scrub_domain(sender)
+        if domain is None:
+            return message
+        from .scrub import DEFAULT_HEADERS, message_id_domain, scrub
+
+        names = DEFAULT_HEADERS if self.scrub_headers is None else self.scrub_headers
+        return scrub(message, names, message_id_domain(domain) if self.scrub_message_id
+                     else None)
 
     def client_options(self, destination: str, per_recipient: bool = False,
                        keep_alive: bool = False) -> Options:

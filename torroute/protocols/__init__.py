@@ -41,5 +41,5 @@ def __getattr__(name: str) -> object:
 
 # asked for by ``from torroute.protocols import lmtp`` before the submodule is imported
 _SUBMODULES = frozenset({"lookup", "socketmap", "tcptable", "eximline", "lmtp", "socks5", "smtp",
-                         "control"})
+                         "control", "heloproxy"})
 _MISSING = object()

@@ -1,4 +1,5 @@
-"""LMTP server protocol (RFC 2033), pure: bytes in, reply bytes and transactions out.
+"""LMTP (RFC 2033) and SMTP (RFC 5321) server protocol, pure: bytes in, replies and
+transactions out.
 
 Why a codec of our own: the relay mode of ``torroute serve`` takes mail from Postfix's own
 ``lmtp`` client and must never accept responsibility for a message it has not handed on, so
@@ -7,12 +8,18 @@ answers it later with one reply per recipient (:func:`rcpt_reply`), carrying eac
 own answer.  Everything the peer sends is bounded (command line, message size, recipients,
 errors) and malformed input gets an SMTP error reply, never an exception.
 
+:class:`SmtpServer` is the same machine speaking SMTP for ``torroute sink``: EHLO/HELO, SIZE
+in the EHLO answer, one reply per DATA, an optional STARTTLS (the codec emits
+:class:`StartTls`; the driver upgrades the connection and calls :meth:`SmtpServer.tls_started`)
+and a :class:`Policy` that may refuse a MAIL or RCPT with its own reply (quotas, relaying).
+
 The message handed out has LF line ends (one record per line, dot-unstuffing undone), the form
 :class:`torroute.protocols.smtp.SmtpClient` takes from Postfix's pipe(8).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .lookup import sanitize_reason
@@ -51,7 +58,28 @@ class Transaction:
     body_8bit: bool = False
 
 
-Event = Send | Close | Transaction
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """Write nothing more in clear: upgrade the connection to TLS (server side), then call
+    :meth:`SmtpServer.tls_started`.  The 220 before it is in the preceding :class:`Send`."""
+
+
+Event = Send | Close | Transaction | StartTls
+
+
+class Policy:
+    """What a server may refuse beyond syntax (``torroute sink``: relaying, quotas, rates).
+
+    Each hook returns ``None`` (accept) or the complete reply line to send instead; the codec
+    stays pure because the hooks only read counters.  The default accepts everything.
+    """
+
+    def mail(self, sender: bytes, size: int | None) -> bytes | None:
+        return None
+
+    def rcpt(self, recipient: bytes, accepted: int) -> bytes | None:
+        """``accepted``: recipients already accepted in this transaction."""
+        return None
 
 
 def reply(code: int, dsn: str, text: str) -> bytes:
@@ -118,16 +146,27 @@ def parse_params(raw: bytes) -> dict[bytes, bytes] | None:
 class LmtpServer:
     """One LMTP session as a state machine.  ``greeting()`` first, then ``feed(bytes)``."""
 
+    #: the greeting command this dialect takes (SMTP: EHLO or HELO)
+    HELLO = b"LHLO"
+
     def __init__(self, hostname: str = "torroute", max_size: int = DEFAULT_MAX_SIZE,
-                 max_recipients: int = MAX_RECIPIENTS) -> None:
+                 max_recipients: int = MAX_RECIPIENTS, policy: Policy | None = None) -> None:
         self.hostname = hostname
         self.max_size = max_size
         self.max_recipients = max_recipients
+        self.policy = policy or Policy()
+        self.helo = ""  # the name the client gave in LHLO/EHLO/HELO
+        self.declared_size: int | None = None
         self.closed = False
         self.errors = 0
         self._buffer = bytearray()
         self._lhlo = False
         self._discarding = False  # dropping the rest of an over-long command line
+        self._paused = False  # after STARTTLS until the handshake (SmtpServer)
+        self._holding = False  # after a spooled Transaction until resume() (SmtpServer)
+        #: SmtpServer: where message bytes go as they arrive (LF lines, dot-unstuffed) instead
+        #: of into Transaction.message; see SmtpServer.resume
+        self.spool: Callable[[bytes], None] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -135,13 +174,21 @@ class LmtpServer:
         self.recipients: list[bytes] = []
         self.smtputf8 = False
         self.body_8bit = False
+        self.declared_size = None
         self._data: bytearray | None = None  # set while receiving DATA
         self._data_size = 0
         self._too_big = False
         self._line_start = True
 
+    DIALECT = "LMTP"
+
     def greeting(self) -> bytes:
         return f"220 {self.hostname} LMTP torroute relay ready".encode("ascii") + CRLF
+
+    def extensions(self) -> list[str]:
+        """The EHLO/LHLO keywords after the host name line."""
+        return ["PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
+                f"SIZE {self.max_size}"]
 
     @property
     def in_data(self) -> bool:
@@ -150,11 +197,11 @@ class LmtpServer:
     # ---- input
 
     def feed(self, data: bytes) -> list[Event]:
-        if self.closed:
+        if self.closed or self._paused:
             return []
         self._buffer += data
         events: list[Event] = []
-        while not self.closed:
+        while not self.closed and not self._paused and not self._holding:
             if self._data is not None:
                 if not self._take_data(events):
                     break
@@ -193,19 +240,26 @@ class LmtpServer:
     def _command(self, line: bytes, events: list[Event]) -> None:
         verb, _, arg = line.partition(b" ")
         verb = verb.upper()
-        if verb == b"LHLO":
+        if verb in (b"LHLO", b"EHLO", b"HELO"):
+            if verb != self.HELLO and not (self.HELLO == b"EHLO" and verb == b"HELO"):
+                expected = self.HELLO.decode()
+                return self._error(events, 500, "5.5.1",
+                                   f"this is {self.DIALECT}: {expected} expected")
             if not arg.strip() or any(c < 0x21 or c > 0x7E for c in arg.strip()):
-                return self._error(events, 501, "5.5.4", "LHLO needs a host name")
+                return self._error(events, 501, "5.5.4", f"{verb.decode()} needs a host name")
             self._reset()
             self._lhlo = True
-            lines = [self.hostname, "PIPELINING", "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8",
-                     f"SIZE {self.max_size}"]
+            self.helo = arg.strip().decode("ascii")[:255]
+            if verb == b"HELO":
+                events.append(Send(f"250 {self.hostname}\r\n".encode("ascii")))
+                return None
+            lines = [self.hostname, *self.extensions()]
             text = "".join(f"250-{x}\r\n" for x in lines[:-1]) + f"250 {lines[-1]}\r\n"
             events.append(Send(text.encode("ascii")))
-        elif verb in (b"HELO", b"EHLO"):
-            self._error(events, 500, "5.5.1", "this is LMTP: LHLO expected")
         elif verb == b"MAIL":
             self._mail(arg, events)
+        elif verb == b"STARTTLS":
+            self._starttls(arg, events)
         elif verb == b"RCPT":
             self._rcpt(arg, events)
         elif verb == b"DATA":
@@ -234,7 +288,7 @@ class LmtpServer:
 
     def _mail(self, arg: bytes, events: list[Event]) -> None:
         if not self._lhlo:
-            return self._error(events, 503, "5.5.1", "LHLO first")
+            return self._error(events, 503, "5.5.1", f"{self.HELLO.decode()} first")
         if self.sender is not None:
             return self._error(events, 503, "5.5.1", "nested MAIL command")
         if arg[:5].upper() != b"FROM:":
@@ -249,6 +303,7 @@ class LmtpServer:
                     return self._error(events, 501, "5.5.4", "bad SIZE parameter")
                 if int(value) > self.max_size:
                     return self._error(events, 552, "5.3.4", "message too big")
+                self.declared_size = int(value)
             elif key == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return self._error(events, 501, "5.5.4", "bad BODY parameter")
@@ -256,7 +311,17 @@ class LmtpServer:
             elif key == b"SMTPUTF8" and not value:
                 self.smtputf8 = True
             else:
+                self.declared_size = None
                 return self._error(events, 555, "5.5.4", "unsupported MAIL parameter")
+        refusal = self.policy.mail(parsed[0], self.declared_size)
+        if refusal is not None:
+            self.declared_size = None
+            self.smtputf8 = self.body_8bit = False
+            events.append(Send(refusal))
+            if refusal.startswith(b"421"):
+                events.append(Close("refused at MAIL"))
+                self.closed = True
+            return None
         self.sender = parsed[0]
         events.append(Send(reply(250, "2.1.0", "OK")))
 
@@ -273,9 +338,21 @@ class LmtpServer:
             return self._error(events, 555, "5.5.4", "unsupported RCPT parameter")
         if len(self.recipients) >= self.max_recipients:
             events.append(Send(reply(452, "4.5.3", "too many recipients")))
-            return
+            return None
+        refusal = self.policy.rcpt(parsed[0], len(self.recipients))
+        if refusal is not None:
+            events.append(Send(refusal))
+            return None
         self.recipients.append(parsed[0])
         events.append(Send(reply(250, "2.1.5", "OK")))
+
+    def _starttls(self, arg: bytes, events: list[Event]) -> None:
+        self._error(events, 500, "5.5.2", "command not recognized")  # LMTP: not a command
+
+    @property
+    def data_reply_count(self) -> int:
+        """Replies the end of DATA takes: LMTP one per recipient."""
+        return len(self.recipients)
 
     # ---- DATA
 
@@ -309,14 +386,17 @@ class LmtpServer:
             self._too_big = True
             self._data.clear()
         if not self._too_big:
-            self._data += chunk
-            if line_end:
-                self._data += b"\n"
+            if self.spool is not None:
+                self.spool(chunk + b"\n" if line_end else chunk)
+            else:
+                self._data += chunk
+                if line_end:
+                    self._data += b"\n"
         self._line_start = line_end
 
     def _finish_data(self, events: list[Event]) -> None:
         assert self._data is not None and self.sender is not None
-        count = len(self.recipients)
+        count = self.data_reply_count
         if self._too_big:
             events.append(Send(reply(552, "5.3.4", "message too big") * count))
         else:
@@ -325,3 +405,73 @@ class LmtpServer:
         lhlo = self._lhlo
         self._reset()
         self._lhlo = lhlo
+
+
+class SmtpServer(LmtpServer):
+    """The same machine speaking SMTP (``torroute sink``): EHLO/HELO, one reply per DATA
+    (the caller answers a :class:`Transaction` with one reply, e.g. from :func:`rcpt_reply`),
+    optional STARTTLS.  After :class:`StartTls` the driver upgrades the connection and calls
+    :meth:`tls_started`; input the client sent in clear after the STARTTLS line is dropped
+    (RFC 3207: a man in the middle must not inject commands into the TLS session)."""
+
+    HELLO = b"EHLO"
+    DIALECT = "SMTP"
+
+    def __init__(self, hostname: str = "torroute", max_size: int = DEFAULT_MAX_SIZE,
+                 max_recipients: int = MAX_RECIPIENTS, policy: Policy | None = None,
+                 starttls: bool = False) -> None:
+        super().__init__(hostname, max_size, max_recipients, policy)
+        self.starttls = starttls
+        self.tls = False
+
+    def greeting(self) -> bytes:
+        return f"220 {self.hostname} ESMTP torroute sink".encode("ascii") + CRLF
+
+    def extensions(self) -> list[str]:
+        tls = ["STARTTLS"] if self.starttls and not self.tls else []
+        return ["PIPELINING", f"SIZE {self.max_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+                "SMTPUTF8", *tls]
+
+    @property
+    def data_reply_count(self) -> int:
+        return 1
+
+    @property
+    def holding(self) -> bool:
+        """A spooled Transaction was emitted: input after it waits for :meth:`resume`."""
+        return self._holding
+
+    def _finish_data(self, events: list[Event]) -> None:
+        spooled = self.spool is not None and not self._too_big
+        super()._finish_data(events)
+        if spooled:
+            # the body went to the spool: the next message must not start there before the
+            # caller has taken this one, so parsing stops here until resume()
+            self._holding = True
+
+    def resume(self) -> list[Event]:
+        """After a spooled Transaction is answered: parse the input that followed it."""
+        self._holding = False
+        return self.feed(b"")
+
+    def _starttls(self, arg: bytes, events: list[Event]) -> None:
+        if not self.starttls or self.tls:
+            return self._error(events, 502, "5.5.1", "STARTTLS not offered")
+        if arg.strip():
+            return self._error(events, 501, "5.5.4", "STARTTLS takes no arguments")
+        if not self._lhlo:
+            return self._error(events, 503, "5.5.1", "EHLO first")
+        events.append(Send(reply(220, "2.0.0", "ready to start TLS")))
+        events.append(StartTls())
+        del self._buffer[:]
+        self._paused = True  # nothing more is parsed until tls_started()
+        return None
+
+    def tls_started(self) -> None:
+        """The connection is TLS now: forget everything said before (RFC 3207 4.2)."""
+        self.tls = True
+        self._paused = False
+        del self._buffer[:]
+        self._reset()
+        self._lhlo = False
+        self.helo = ""
