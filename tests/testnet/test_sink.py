@@ -8,7 +8,6 @@ import asyncio
 import os
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import threading
@@ -18,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+import torroute
+from torroute.config import Config
 from torroute.testing.ports import free_port
 from torroute.testing.testnet_state import rss_kib
 from torroute.tor.control import Tor
-from torroute.tor.dial import dial, open_connection
+from torroute.tor.dial import open_connection
 from torroute.tor.relay_probe import probe_relay
 from torroute.tor.torrc import PortMapping
 
@@ -29,17 +30,6 @@ pytestmark = [pytest.mark.testnet,
               pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")]
 
 FIGURES: dict[str, str] = {}
-
-
-class TorSMTP(smtplib.SMTP):
-    """smtplib over torroute's dialer (the client tor's SocksPort)."""
-
-    def __init__(self, proxy: tuple[str, int], **kwargs) -> None:
-        self.proxy = proxy
-        super().__init__(**kwargs)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return dial(host, port, proxy=self.proxy, timeout=timeout)
 
 
 @dataclass
@@ -139,7 +129,7 @@ def test_flood_150_against_100_then_room_again(testnet, sink_factory) -> None:
     lock = threading.Lock()
 
     def sender(first: int, count: int) -> None:
-        with TorSMTP(testnet.socks, timeout=60) as smtp:
+        with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
             smtp.connect(sink.onion, 25)
             smtp.ehlo("flood.test")
             for n in range(first, first + count):
@@ -170,7 +160,7 @@ def test_flood_150_against_100_then_room_again(testnet, sink_factory) -> None:
     fetched = testnet.new_dir("fetched")
     for path in sink.new()[:10]:
         path.rename(fetched / path.name)
-    with TorSMTP(testnet.socks, timeout=60) as smtp:
+    with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
         smtp.connect(sink.onion, 25)
         smtp.ehlo("later.test")
         for n in range(10):
@@ -189,7 +179,7 @@ def test_messages_per_second_over_the_onion(testnet, sink_factory) -> None:
     rcpt = f"me@{sink.onion}"
 
     def sender(first: int) -> None:
-        with TorSMTP(testnet.socks, timeout=60) as smtp:
+        with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
             smtp.connect(sink.onion, 25)
             smtp.ehlo("rate.test")
             for n in range(first, first + 50):
@@ -213,7 +203,7 @@ def test_20mb_against_a_10mb_limit_is_552(testnet, sink_factory) -> None:
     sink = sink_factory("--max-message-size", "10M")
     rcpt = f"me@{sink.onion}"
     big = message(1, 20 << 20)
-    with TorSMTP(testnet.socks, timeout=120) as smtp:
+    with torroute.SMTP(timeout=120, config=Config(tor_socks=testnet.socks)) as smtp:
         smtp.connect(sink.onion, 25)
         code, text = smtp.ehlo("big.test")
         assert b"SIZE 10485760" in text
@@ -237,7 +227,7 @@ def test_relay_attempts_are_refused(testnet, sink_factory) -> None:
     host, _, port = sink.target.rpartition(":")
     verdict = probe_relay(PortMapping(25, sink.target))
     assert verdict.verdict == "closed", verdict
-    with TorSMTP(testnet.socks, timeout=60) as smtp:
+    with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
         smtp.connect(sink.onion, 25)
         smtp.ehlo("relay.test")
         assert smtp.mail("spammer@sender.test")[0] == 250
@@ -292,7 +282,7 @@ def test_200_slow_clients_do_not_starve_a_normal_one(testnet, sink_factory) -> N
 
         def normal() -> float:
             started = time.monotonic()
-            with TorSMTP(testnet.socks, timeout=60) as smtp:
+            with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
                 smtp.connect(sink.onion, 25)
                 smtp.ehlo("normal.test")
                 assert smtp.sendmail("alice@sender.test", [rcpt], message(1)) == {}
@@ -323,7 +313,7 @@ def test_kill9_during_data_leaves_nothing_half_written(testnet, sink_factory) ->
     sink = sink_factory()
     rcpt = f"me@{sink.onion}"
     first = message(1, 5000)
-    with TorSMTP(testnet.socks, timeout=60) as smtp:
+    with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
         smtp.connect(sink.onion, 25)
         smtp.ehlo("crash.test")
         assert smtp.sendmail("alice@sender.test", [rcpt], first) == {}
@@ -344,7 +334,7 @@ def test_kill9_during_data_leaves_nothing_half_written(testnet, sink_factory) ->
                        name="again")
     try:
         assert again.onion == sink.onion
-        with TorSMTP(testnet.socks, timeout=60) as smtp:
+        with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
             smtp.connect(again.onion, 25)
             smtp.ehlo("after.test")
             assert smtp.sendmail("alice@sender.test", [rcpt], message(3)) == {}
@@ -369,7 +359,7 @@ def test_onion_dir_is_made_then_reused(testnet) -> None:
     first = start_sink(testnet, base, "--listen", listen, onion=args, name="first")
     try:
         assert (hsdir / "hostname").read_text().strip() == first.onion
-        with TorSMTP(testnet.socks, timeout=60) as smtp:
+        with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
             smtp.connect(first.onion, 25)
             smtp.ehlo("dir.test")
             assert smtp.sendmail("alice@sender.test", [f"me@{first.onion}"], message(1)) == {}
@@ -378,7 +368,7 @@ def test_onion_dir_is_made_then_reused(testnet) -> None:
         again = start_sink(testnet, base, "--listen", listen, onion=args, name="again")
         try:
             assert again.onion == first.onion  # reused, not made anew
-            with TorSMTP(testnet.socks, timeout=60) as smtp:
+            with torroute.SMTP(timeout=60, config=Config(tor_socks=testnet.socks)) as smtp:
                 smtp.connect(again.onion, 25)
                 smtp.ehlo("dir.test")
                 assert smtp.sendmail("alice@sender.test", [f"me@{again.onion}"],

@@ -4,7 +4,7 @@ What it shows, with real parts only: a private Tor network (torroute.testing.tes
 two onion MXes (SMTP sinks storing to Maildirs); a dnsmasq answering
 ``_onion-mx._tcp.example.test SRV`` with the first onion; a pinned map sending ``pinned.test``
 to the second; ``torroute route`` for both (and for a domain with no route); then one message
-to each, sent through Tor with the library (routing + SOCKS dialer + smtplib), and where each
+to each, sent through Tor with the public API (torroute.Router + torroute.SMTP), and where each
 landed.  Then it cleans up.
 Nothing leaves 127.0.0.1.  ``python -m torroute.cli.demo [--keep]``.
 """
@@ -12,10 +12,7 @@ Nothing leaves 127.0.0.1.  ``python -m torroute.cli.demo [--keep]``.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,8 +20,9 @@ import time
 from pathlib import Path
 
 from ..endpoint import format_hostport as hostport
+from ..testing.dnsmasq import Dnsmasq, SrvRecord
 from ..testing.sink import MaildirSink
-from ..testing.testnet import PrivateNetwork, free_ports
+from ..testing.testnet import PrivateNetwork
 
 SRV_DOMAIN = "example.test"
 PINNED_DOMAIN = "pinned.test"
@@ -40,44 +38,6 @@ def heading(text: str) -> None:
     say(f"== {text}")
 
 
-class TorSMTP(smtplib.SMTP):
-    """smtplib whose TCP connection is a torroute SOCKS dial through tor."""
-
-    def __init__(self, proxy: tuple[str, int], **kwargs) -> None:
-        self.proxy = proxy
-        super().__init__(**kwargs)
-
-    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        from ..tor.dial import dial
-
-        return dial(host, port, proxy=self.proxy, timeout=timeout)
-
-
-def start_dnsmasq(work: Path, onion: str) -> tuple[subprocess.Popen, int]:
-    """A real dnsmasq on 127.0.0.1 answering the SRV record; never reads /etc/resolv.conf."""
-    dnsmasq = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
-    port = free_ports(1, udp_too=[0])[0]
-    args = [dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
-            "--no-hosts", "--no-poll", "--bind-interfaces", "--listen-address=127.0.0.1",
-            f"--port={port}", "--local=/test/", "--local-ttl=300", "--log-facility=-",
-            "--log-queries", f"--srv-host=_onion-mx._tcp.{SRV_DOMAIN},{onion},25,0,5"]
-    if os.geteuid() == 0:
-        args += ["--user=root", "--group=root"]
-    log = open(work / "dnsmasq.log", "wb")  # noqa: SIM115 - lives as long as the process
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("dnsmasq exited: " + (work / "dnsmasq.log").read_text()[-800:])
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("dnsmasq did not start within 10 s")
-
-
 def run_cli(*args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "torroute.cli", *args], capture_output=True,
                           text=True, timeout=60)
@@ -86,8 +46,7 @@ def run_cli(*args: str) -> str:
 
 def send(config_path: Path, recipient: str, subject: str) -> tuple[str, float]:
     """Route ``recipient`` with the library and deliver one message through Tor."""
-    from ..config import load_config
-    from ..routing.router import Router
+    from .. import SMTP, Router, load_config  # the public API, as a tool author would
 
     config = load_config(config_path)
     decision = Router.from_config(config).route(recipient)
@@ -97,7 +56,7 @@ def send(config_path: Path, recipient: str, subject: str) -> tuple[str, float]:
                f"Message-ID: <{time.time_ns()}@sender.test>\r\n\r\n"
                f"Delivered over a Tor onion service by torroute.\r\n").encode()
     started = time.monotonic()
-    with TorSMTP(config.tor_socks, timeout=60) as smtp:
+    with SMTP(timeout=60, config=config) as smtp:
         smtp.connect(decision.onion, decision.port)
         smtp.ehlo("sender.test")
         smtp.sendmail("demo@sender.test", [recipient], message)
@@ -115,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)
     sinks: list[MaildirSink] = []
     net: PrivateNetwork | None = None
-    dnsmasq: subprocess.Popen | None = None
+    dnsmasq: Dnsmasq | None = None
     try:
         heading("1. Two onion MXes: SMTP sinks that store mail in Maildirs")
         sink_srv = MaildirSink(work / "mx-example" / "Maildir",
@@ -138,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"   client tor: SocksPort {hostport(net.socks)}, DNSPort {hostport(net.dns)}")
 
         heading("3. How the domains are published")
-        dnsmasq, dns_port = start_dnsmasq(work, onion_srv)
+        dnsmasq = Dnsmasq(srv=[SrvRecord(f"_onion-mx._tcp.{SRV_DOMAIN}", onion_srv)]).start()
+        dns_port = dnsmasq.port
         say(f"   dnsmasq on 127.0.0.1:{dns_port}:  _onion-mx._tcp.{SRV_DOMAIN}. SRV 0 5 25 "
             f"{onion_srv}.")
         pins = work / "pins.txt"
@@ -181,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if dnsmasq is not None:
-            dnsmasq.terminate()
-            dnsmasq.wait(5)
+            dnsmasq.stop()
         if net is not None:
             net.down(keep=args.keep)
         for sink in sinks:
