@@ -13,7 +13,8 @@ import sys
 
 from .. import __version__, exitcodes
 
-COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "send", "sink", "proxy", "control"]
+COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "send", "sink", "proxy", "postfix",
+                   "exim", "map", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:
