@@ -12,21 +12,18 @@ import struct
 import threading
 
 
-class FakeSocksServer:  # fake: tor's 0xF0..0xF7 replies and a silent SocksPort, on demand
-    """A SOCKS5 server on 127.0.0.1.  ``reply`` = None forwards every CONNECT to ``target``
-    (a loopback SMTP server) and records the requested host; an int answers with that SOCKS
-    reply code; ``"silent"`` accepts and never answers."""
+class _LoopbackServer:
+    """What both fakes share: a listener on 127.0.0.1, one thread per connection (``_serve``),
+    and ``close()`` ending the listener and every connection it accepted."""
 
-    def __init__(self, target: tuple[str, int] | None = None) -> None:
-        self.target = target
-        self.reply: int | str | None = None
-        self.requests: list[tuple[int, str, int]] = []  # (atyp, host, port)
+    backlog = 8
+
+    def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock.listen(self.backlog)
         self.port = self.sock.getsockname()[1]
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -41,8 +38,34 @@ class FakeSocksServer:  # fake: tor's 0xF0..0xF7 replies and a silent SocksPort,
             except OSError:
                 return
             self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            thread.start()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        for conn in self._conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+# fake: tor's 0xF0..0xF7 replies and a silent SocksPort, on demand
+class FakeSocksServer(_LoopbackServer):
+    """A SOCKS5 server on 127.0.0.1.  ``reply`` = None forwards every CONNECT to ``target``
+    (a loopback SMTP server) and records the requested host; an int answers with that SOCKS
+    reply code; ``"silent"`` accepts and never answers."""
+
+    backlog = 64
+
+    def __init__(self, target: tuple[str, int] | None = None) -> None:
+        self.target = target
+        self.reply: int | str | None = None
+        self.requests: list[tuple[int, str, int]] = []  # (atyp, host, port)
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -75,41 +98,16 @@ class FakeSocksServer:  # fake: tor's 0xF0..0xF7 replies and a silent SocksPort,
         finally:
             conn.close()
 
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
-        for conn in self._conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
-
-class FakeSmtpServer:  # fake: resets the connection mid-DATA or never answers, on demand
+# fake: resets the connection mid-DATA or never answers, on demand
+class FakeSmtpServer(_LoopbackServer):
     """A scripted SMTP server: ``mode`` = "reset-in-data" (accepts up to DATA's 354, reads
     some of the message, then RSTs), "silent" (never sends the greeting), "garbage"."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.received = bytearray()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return ("127.0.0.1", self.port)
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -142,10 +140,6 @@ class FakeSmtpServer:  # fake: resets the connection mid-DATA or never answers, 
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes:
