@@ -231,6 +231,15 @@ def normalize_domain(domain: str) -> str:
     return domain
 
 
+def domain_matches(domain: str, patterns: list[str]) -> bool:
+    """Exact match, or a pattern with a leading dot matching subdomains (Postfix style): the one
+    rule for local_domains, ignore_domains and [deliver] scrub_senders."""
+    for pattern in patterns:
+        if domain == pattern or (pattern.startswith(".") and domain.endswith(pattern)):
+            return True
+    return False
+
+
 def domain_pattern(text: str) -> str:
     """A domain, or ``.domain`` for its subdomains (Postfix style), normalised."""
     text = text.strip()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..config import Section, boolean, domain_pattern, seconds, text
+from ..config import Section, boolean, domain_matches, domain_pattern, seconds, text
 from ..errors import ConfigError
 from ..protocols.smtp import Options
 
@@ -118,10 +118,7 @@ class DeliverSettings:
                 domain = domain.encode("idna").decode("ascii")
             except UnicodeError:
                 pass
-        for pattern in self.scrub_senders:
-            if domain == pattern or (pattern.startswith(".") and domain.endswith(pattern)):
-                return domain
-        return None
+        return domain if domain_matches(domain, self.scrub_senders) else None
 
     def scrubbed(self, sender: str | bytes, message: bytes) -> bytes:
         """``message`` as it may leave for ``sender`` (docs/scrub.rst): unchanged unless the

@@ -26,7 +26,7 @@ import dns.name
 import dns.rcode
 import dns.rdatatype
 
-from ..config import Config, normalize_domain
+from ..config import Config, domain_matches, normalize_domain
 from ..endpoint import HostPort
 from ..errors import InvalidOnion
 from .decisions import Decision, NoRoute, Reject, Route, TempFail, destination_domain
@@ -51,9 +51,9 @@ def decide_static(domain: str, config: Config, pins: PinMap) -> Decision | None:
         domain = normalize_domain(domain)
     except ValueError as exc:
         return NoRoute(domain, f"not a routable domain: {exc}")
-    if _matches(domain, config.local_domains):
+    if domain_matches(domain, config.local_domains):
         return NoRoute(domain, "local domain")
-    if _matches(domain, config.ignore_domains):
+    if domain_matches(domain, config.ignore_domains):
         return NoRoute(domain, "ignored domain")
     pin = pins.lookup(domain)
     if pin is not None:
@@ -62,14 +62,6 @@ def decide_static(domain: str, config: Config, pins: PinMap) -> Decision | None:
         # an operator's typo: defer until the map is fixed; never SRV, never the clear net
         return TempFail(domain, f"invalid pin at {pin.source}: {pin.message}")
     return None
-
-
-def _matches(domain: str, patterns: list[str]) -> bool:
-    """Exact match, or a pattern with a leading dot matching subdomains (Postfix style)."""
-    for pattern in patterns:
-        if domain == pattern or (pattern.startswith(".") and domain.endswith(pattern)):
-            return True
-    return False
 
 
 def srv_query(domain: str, config: Config) -> dns.message.QueryMessage:
