@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import SocksError
 from ..protocols.lmtp import Transaction, rcpt_reply
@@ -41,6 +42,22 @@ from .tls import tls_check_peer, tls_context
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (onion, port)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try of one target, as the relay saw it: what per-onion health, the self-healing
+    evidence and the metrics learn from real traffic (``Relay.on_attempt`` observers)."""
+
+    onion: str
+    port: int
+    reached: bool  # the MX said something: tor reached the onion (whatever the MX answered)
+    status: str  # the first recipient's outcome: "delivered" | "deferred" | "bounced"
+    socks_code: int | None  # tor's SOCKS5 reply (0xF0 descriptor not found...) if the dial failed
+    timed_out: bool  # the dial or the session ran into a deadline
+    reason: str  # one line
+    seconds: float  # dial + session
+    reused: bool  # a pooled connection
 
 
 class _Conn:
@@ -136,6 +153,20 @@ class Relay:
         self.pool = ConnectionPool(idle_timeout)
         self.clock = clock
         self.stats = {"dialed": 0, "reused": 0}
+        #: called with every :class:`Attempt` (must not raise or block: the hot path)
+        self.on_attempt: list[Callable[[Attempt], None]] = []
+
+    def _report(self, key: Key, reached: bool, outcome: Outcome, socks_code: int | None,
+                timed_out: bool, started: float, reused: bool) -> None:
+        if not self.on_attempt:
+            return
+        attempt = Attempt(key[0], key[1], reached, outcome.status, socks_code, timed_out,
+                          outcome.text, self.clock() - started, reused)
+        for observer in self.on_attempt:
+            try:
+                observer(attempt)
+            except Exception:  # an observer's bug must not defer mail
+                log.exception("lmtp: attempt observer failed")
 
     async def relay(self, txn: Transaction) -> list[bytes]:
         """One reply per recipient, in order.  Never raises (except cancellation)."""
@@ -217,6 +248,7 @@ class Relay:
         s = self.settings
         destination = f"{host}:{port}"
         for attempt in (0, 1):
+            started = self.clock()
             conn = self.pool.take(key) if attempt == 0 else None
             if conn is not None and s.tls_verify and \
                     tls_check_peer(conn.peer_cert, host, domains) is not None:
@@ -229,6 +261,8 @@ class Relay:
                         host, port, s.proxy, s.connect_timeout, s.isolate)
                 except (OSError, SocksError, ValueError, TimeoutError) as exc:
                     outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
+                    self._report(key, False, outcome, tordial.reply_code(exc),
+                                 isinstance(exc, TimeoutError), started, False)
                     return [outcome] * len(rcpts), socks_may_try_next(exc, outcome)
                 conn = _Conn(reader, writer)
                 self.stats["dialed"] += 1
@@ -252,7 +286,11 @@ class Relay:
                 log.warning("lmtp: reused connection to %s failed (%s); dialing anew",
                             destination, outcome.text)
                 continue  # a kept connection went stale: nothing was sent, try a fresh one
-            return client.recipient_outcomes(), client.may_try_next
+            outcomes = client.recipient_outcomes()
+            self._report(key, client.answered, outcomes[0], None,
+                         "timeout after" in outcome.text,
+                         started, reused)
+            return outcomes, client.may_try_next
         raise AssertionError("unreachable")
 
     async def _drive(self, conn: _Conn, client: SmtpClient, actions: list[Action], host: str,

@@ -382,6 +382,12 @@ class SmtpClient:
         return DATA if self.phase == "data-end" else COMMAND
 
     @property
+    def answered(self) -> bool:
+        """The server said something (a greeting at least): the destination is reachable,
+        whatever it answered (what per-onion health counts as a success of tor)."""
+        return self._last_reply is not None
+
+    @property
     def retryable(self) -> bool:
         """Deferred before the message was sent, so nothing can have been delivered: the same
         transaction may run again on a fresh connection (the relay does so once when a kept
