@@ -2,7 +2,8 @@
 # Install what torroute, its demo and its tests need on Debian 12 (bookworm), as root.
 # Idempotent: re-running skips what is already there.  Used by ./demo, scripts/test and .ci/run.
 #   - Debian packages: tor, dnsmasq-base, postfix (no configuration), swaks, torsocks, python3-venv,
-#     neomutt (the mail client the `torroute send` tests drive in batch mode), tinycdb (the cdb
+#     neomutt (the mail client the `torroute send` tests drive in batch mode), prometheus (its
+#     promtool checks the metrics exposition and the shipped alert rules), tinycdb (the cdb
 #     tables of `torroute map transport`)
 #   - a venv at /opt/torroute (Debian's python3; world-readable, so Postfix's pipe user can run
 #     /opt/torroute/bin/torroute) with torroute and its test/docs extras
@@ -30,7 +31,7 @@ fi
 
 packages="tor dnsmasq-base postfix swaks torsocks python3-venv python3-dev iproute2 util-linux
           perl ca-certificates openssl unbound nsd ldnsutils neomutt tinycdb
-          groff-base"
+          groff-base prometheus"
 missing=""
 for p in $packages; do
     # no pipe into grep -q: under pipefail an early-exiting grep can fail the pipeline

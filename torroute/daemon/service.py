@@ -94,6 +94,9 @@ class LookupDaemon:
         self._all_gone: asyncio.Event | None = None
         self.lmtp: LmtpService | None = None
         self.reload_state = ReloadState(True, time.time(), "started", len(self.router.pins))
+        #: side services (per-onion health, canaries and healing; metrics; the status socket),
+        #: each with ``async start()`` / ``async stop()``, started after the listeners
+        self.services: list[Any] = []
 
     # decisions
     def quick_decision(self, key: str) -> Decision | None:
@@ -158,6 +161,11 @@ class LookupDaemon:
                                                           reuse_address=True, backlog=1024)
                     self.servers.append((kind, ep, server))
                     log.info("listening: %s on %s", kind, self.bound(kind, ep))
+            for make in side_services():
+                service = make(self)
+                if service is not None:
+                    await service.start()
+                    self.services.append(service)
         except BaseException:
             await self.stop(drain=False)
             raise
@@ -269,6 +277,12 @@ class LookupDaemon:
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, let in-flight lookups answer (up to drain_timeout), then close."""
         self.stopping = True
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(service).__name__)
+        self.services.clear()
         for _kind, _ep, server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -293,6 +307,13 @@ class LookupDaemon:
                 except FileNotFoundError:
                     pass
         self.servers.clear()
+
+
+def side_services() -> list[Callable[[LookupDaemon], Any]]:
+    """Each ``make(daemon) -> service | None`` (None: not configured), in start order."""
+    from . import health, metrics, status
+
+    return [health.make_service, metrics.make_service, status.make_service]
 
 
 async def run_daemon(daemon: LookupDaemon, ready: Callable[[], None] | None = None) -> None:

@@ -53,6 +53,15 @@ SERVE = Section("serve", {
     "lmtp_time_limit": float,
     "lmtp_max_size": int,
     "lmtp_session_idle_timeout": float,
+    # operating (docs/operating.rst): status socket, metrics, canaries, self-healing
+    "status_socket": lambda value: Endpoint.parse(value) if value else None,
+    "metrics": lambda value: Endpoint.parse(value) if value else None,
+    "canary": lambda value: tuple([value] if isinstance(value, str) else value),
+    "canary_interval": float,
+    "canary_timeout": float,
+    "heal": boolean,
+    "heal_interval": float,
+    "heal_window": float,
 })
 
 #: ServeSettings.from_config overrides (the serve flags) -> the flag named in errors
@@ -63,6 +72,8 @@ OVERRIDES: dict[str, str] = {
     "socket_group": "--socket-group",
     "postfix_answer": "--postfix-answer",
     "socket_mode": "--socket-mode",
+    "status_socket": "--status-socket",
+    "metrics": "--metrics",
 }
 
 
@@ -91,6 +102,15 @@ class ServeSettings:
     # an LMTP session without a command this long gets 421 and is closed; above Postfix's
     # lmtp_connection_cache_time_limit (2 s), so a connection Postfix caches is never cut
     lmtp_session_idle_timeout: float = 10.0
+    # operating (docs/operating.rst)
+    status_socket: Endpoint | None = None  # where `torroute status` asks the running daemon
+    metrics: Endpoint | None = None  # Prometheus /metrics over HTTP
+    canary: tuple[str, ...] = ()  # onion[:port] targets dialed every canary_interval
+    canary_interval: float = 300.0
+    canary_timeout: float = 60.0
+    heal: bool = True  # NEWNYM when tor's client is stuck (evidence: several onions)
+    heal_interval: float = 600.0  # at most one NEWNYM this often
+    heal_window: float = 900.0  # how far back the evidence counts
 
     @classmethod
     def from_config(cls, config: Config, overrides: Mapping[str, Any] | None = None
@@ -132,8 +152,14 @@ class ServeSettings:
         if self.lmtp_answer is not None and not _LMTP_ANSWER.fullmatch(self.lmtp_answer):
             raise ConfigError(f"lmtp_transport/listener give an unusable Postfix answer "
                               f"{self.lmtp_answer!r}")
+        if self.canary_interval < 1 or self.canary_timeout <= 0:
+            raise ConfigError("canary_interval must be at least 1 s, canary_timeout positive")
+        if self.heal_interval <= 0 or self.heal_window <= 0:
+            raise ConfigError("heal_interval and heal_window must be positive")
         if not self.allow_remote:
-            for kind, endpoints in self.listeners.items():
+            extra = {name: (ep,) for name, ep in (("status_socket", self.status_socket),
+                                                   ("metrics", self.metrics)) if ep}
+            for kind, endpoints in {**self.listeners, **extra}.items():
                 for ep in endpoints:
                     if not ep.is_loopback():
                         raise ConfigError(

