@@ -13,8 +13,8 @@ import sys
 
 from .. import __version__, exitcodes
 
-COMMAND_MODULES = ["route", "testnet", "serve", "deliver", "send", "sink", "proxy", "postfix",
-                   "exim", "map", "control"]
+COMMAND_MODULES = ["route", "testnet", "serve", "status", "doctor", "deliver", "send", "sink",
+                   "proxy", "postfix", "exim", "map", "control"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,6 +94,8 @@ class LookupDaemon:
         self._all_gone: asyncio.Event | None = None
         self.lmtp: LmtpService | None = None
         self.reload_state = ReloadState(True, time.time(), "started", len(self.router.pins))
+        self.reload_failures = 0  # since start (torroute_reload_failures_total)
+        self.started = time.time()
         #: side services (per-onion health, canaries and healing; metrics; the status socket),
         #: each with ``async start()`` / ``async stop()``, started after the listeners
         self.services: list[Any] = []
@@ -256,6 +258,7 @@ class LookupDaemon:
         except Exception as exc:
             message = _one_line(exc)
             self.reload_state = ReloadState(False, time.time(), message, len(self.router.pins))
+            self.reload_failures += 1
             log.error("reload failed, keeping the old configuration: %s", message)
             return False
         # listeners stay as they are (restart the daemon to change them)
