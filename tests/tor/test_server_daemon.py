@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,28 @@ def test_sd_notify_reaches_an_abstract_socket(monkeypatch) -> None:
         assert sock.recv(1024) == b"READY=1\nSTATUS=serving 0 pinned domains"
     monkeypatch.delenv("NOTIFY_SOCKET")
     sd_notify("READY=1")  # outside systemd: nothing, no error
+
+
+def test_bad_deliver_section_binds_no_listener(tmp_path: Path, caplog) -> None:
+    """`serve --socketmap ... --lmtp ...` with a broken [deliver]: a ConfigError naming the
+    setting before anything is bound (the socketmap listener came first and used to be left
+    bound, if only briefly, before the exit 78)."""
+    port = free_port()
+    cfg = tmp_path / "torroute.toml"
+    cfg.write_text('[deliver]\nstarttls = "maybe"\n')
+    config = load_config(cfg)
+    overrides = {"tcp_table": [f"inet:127.0.0.1:{port}"],
+                 "lmtp": [f"unix:{tmp_path}/lmtp.sock"]}
+    daemon = LookupDaemon(config, ServeSettings.from_config(config, overrides))
+
+    async def main() -> None:
+        await daemon.start()
+
+    caplog.set_level(logging.INFO, logger="torroute.daemon")
+    with pytest.raises(ConfigError, match="starttls"):
+        asyncio.run(main())
+    assert daemon.servers == []
+    assert [r.message for r in caplog.records if r.message.startswith("listening")] == []
+    with socket.socket() as probe:  # nothing listens there
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert not (tmp_path / "lmtp.sock").exists()

@@ -142,13 +142,14 @@ class LookupDaemon:
         if not any(self.settings.listeners.values()):
             raise ConfigError("no listeners: give --socketmap, --tcp-table, --exim or --lmtp "
                               "(or [serve] socketmap/tcp_table/exim/lmtp)")
+        if self.settings.listeners.get("lmtp") and self.lmtp is None:
+            self.lmtp = LmtpService(self)  # reads [deliver]: a mistake there binds nothing
         try:
             for kind, endpoints in self.settings.listeners.items():
                 for ep in endpoints:
                     factory: Callable[[], asyncio.BaseProtocol]
                     if kind == "lmtp":
-                        if self.lmtp is None:
-                            self.lmtp = LmtpService(self)
+                        assert self.lmtp is not None
                         factory = self.lmtp.factory
                     else:
                         proto = ANSWERS[kind](self)
