@@ -48,6 +48,11 @@ class TorUnavailable(TemporaryError):
     """Tor's SocksPort, DNSPort or ControlPort cannot be reached."""
 
 
+class DaemonUnreachable(TemporaryError):
+    """The running daemon's status socket does not answer (not running, wrong path, or no
+    valid answer): ``torroute status`` exits 75."""
+
+
 class AutomapError(TemporaryError):
     """Tor's DNSPort answered, but not with a virtual address (automap off or misconfigured)."""
 

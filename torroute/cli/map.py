@@ -1,4 +1,5 @@
-"""``torroute map transport``: a static Postfix transport(5) / Exim lsearch table from maps."""
+"""``torroute map transport``: a static Postfix transport(5) / Exim lsearch table from maps;
+``torroute map check``: every entry validated, compared with DNS, optionally probed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 import sys
 
 from .. import exitcodes
-from .options import global_options
+from .options import global_options, routing_options, tor_options
 
 MAPS_LOGGER = "torroute.routing.maps"
 
@@ -35,6 +36,31 @@ def register(subparsers) -> None:
     t.add_argument("--port", type=int, metavar="N", default=None,
                    help="write the port on every line ([onion]:N); N for pins without one")
     t.set_defaults(run=run_transport, uses_config=True)
+    c = sub.add_parser(
+        "check", parents=[global_options(), routing_options(), tor_options(dns=False,
+                                                                             control=False)],
+        help="validate every map entry, compare it with DNS, optionally dial each onion",
+        description="Check maps the way a map maintainer's CI would: every entry validated "
+        "(a v3 onion with a valid checksum and key; v2 and mistyped onions, domains listed "
+        "twice with different targets are invalid, each with FILE:LINE), each pinned domain's "
+        "SRV record (_onion-mx._tcp) compared with its pin (warn when it points elsewhere or "
+        "to a v2 onion), and with --probe each onion's SMTP banner read through tor.  Exit 0 "
+        "(warnings allowed; --strict makes them fail), 65 when an entry is invalid, 66 when a "
+        "map cannot be read, 75 when only DNS or probes failed for now.  Without MAP, the "
+        "maps of the configuration ([routing] maps).")
+    c.add_argument("map_files", nargs="*", metavar="MAP",
+                   help="onionmx map.yml, a directory of maps, or a text map")
+    c.add_argument("--no-dns", action="store_true", help="do not compare with SRV records")
+    c.add_argument("--probe", action="store_true",
+                   help="dial each onion through tor's SocksPort and read its SMTP banner")
+    c.add_argument("--concurrency", type=int, default=8, metavar="N",
+                   help="DNS questions and probes at a time (default 8)")
+    c.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="deadline of each probe (default 60)")
+    c.add_argument("--strict", action="store_true", help="warnings fail too (exit 65)")
+    c.add_argument("--all", action="store_true", help="list the ok entries too")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(run=run_check, uses_config=True)
     p.set_defaults(run=lambda args, config: _help(p), uses_config=False)
 
 
@@ -106,3 +132,45 @@ class _Collect(logging.Handler):
         told = ("map %s", "%s")  # problems (listed by left_out) and the load summary
         return [r for r in self.records
                 if r.msg not in told and not str(r.msg).startswith("map: %d v2 onion")]
+
+
+def run_check(args: argparse.Namespace, config) -> int:
+    import json
+
+    from ..errors import MapError
+    from ..routing.mapcheck import OK, check_maps, tor_prober
+
+    paths = args.map_files or (config.maps if config is not None else [])
+    if not paths:
+        print("torroute map check: no map: give MAP files or set [routing] maps",
+              file=sys.stderr)
+        return exitcodes.USAGE
+    if args.concurrency < 1 or not args.timeout > 0:
+        print("torroute map check: --concurrency and --timeout must be positive",
+              file=sys.stderr)
+        return exitcodes.USAGE
+    try:
+        report = check_maps(paths, config, dns=not args.no_dns,
+                            probe=tor_prober(config, args.timeout) if args.probe else None,
+                            concurrency=args.concurrency, strict=args.strict)
+    except MapError as exc:
+        print(f"torroute map check: {exc}", file=sys.stderr)
+        text = str(exc)  # unreadable (66) or not parseable (65, with FILE:LINE)
+        missing = text.startswith("map ") and ("does not exist" in text or "ermission" in text)
+        return exitcodes.NOINPUT if missing else exitcodes.DATAERR
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return report.exit_status()
+    for problem in report.problems:
+        print(f"warn {problem}")
+    for entry in report.entries:
+        if entry.status == OK and not args.all:
+            continue
+        target = f" -> {entry.onion}:{entry.port}" if entry.onion else ""
+        notes = "; ".join(entry.notes) or "; ".join(x for x in (entry.srv, entry.probe) if x)
+        print(f"{entry.status} {entry.source}: {entry.domain}{target}: {notes or 'ok'}")
+    counts = report.counts()
+    print(f"{len(report.entries)} entries in {len(report.files)} files: "
+          + ", ".join(f"{n} {s}" for s, n in counts.items())
+          + f": exit {report.exit_status()}")
+    return report.exit_status()

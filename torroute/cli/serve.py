@@ -15,7 +15,8 @@ ENDPOINT = "inet:HOST:PORT|unix:PATH"
 
 #: serve flag dest -> ServeSettings override (listener kinds: lists of endpoints)
 SERVE_FLAGS: tuple[str, ...] = ("socketmap", "tcp_table", "exim", "lmtp", "allow_remote",
-                                "transport", "socket_group", "postfix_answer", "socket_mode")
+                                "transport", "socket_group", "postfix_answer", "socket_mode",
+                                "status_socket", "metrics")
 
 
 def register(subparsers) -> None:
@@ -52,6 +53,12 @@ def register(subparsers) -> None:
                    "'onionmx' (smtptor:[{onion}]) or a template")
     g.add_argument("--socket-mode", metavar="OCTAL", help="unix socket mode (default 0660)")
     g.add_argument("--socket-group", metavar="GROUP", help="unix socket group")
+    g.add_argument("--status-socket", metavar=ENDPOINT,
+                   help="status socket that `torroute status` asks (default: [serve] "
+                   "status_socket, else none)")
+    g.add_argument("--metrics", metavar=ENDPOINT,
+                   help="Prometheus metrics over HTTP (GET /metrics) on this loopback or unix "
+                   "endpoint (default: [serve] metrics, else none)")
     p.set_defaults(run=run)
 
 

@@ -44,6 +44,10 @@ def register(subparsers) -> None:
                             "target (repeatable; default 25=127.0.0.1:2525)")
             sp.add_argument("--timeout", type=float, default=120.0,
                             help="give up booting after this many seconds (default %(default)s)")
+            sp.add_argument("--latency-ms", type=float, default=0.0, metavar="MS",
+                            help="delay every relay hop by MS in each direction (a "
+                            "torroute.testing.latency proxy in front of each ORPort; an onion "
+                            "round trip grows by ~12*MS); default 0")
             sp.add_argument("--quiet", "-q", action="store_true", help="no progress output")
             sp.add_argument("--keep", action="store_true",
                             help="on failure, keep the directory (logs) for inspection")
@@ -89,7 +93,10 @@ def _up(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"testnet: {message}", file=sys.stderr, flush=True)
 
-    net = PrivateNetwork(directory, ports, progress=progress)
+    if args.latency_ms < 0:
+        print("torroute testnet: --latency-ms must not be negative", file=sys.stderr)
+        return exitcodes.USAGE
+    net = PrivateNetwork(directory, ports, progress=progress, latency_ms=args.latency_ms)
     try:
         net.check_directory()
     except TestnetError as exc:

@@ -16,13 +16,19 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TorrouteError
 from ..protocols import ProtocolError, eximline, postfix_value, socketmap, tcptable
 from ..routing.decisions import Decision, NoRoute, Reject, Route
+from ..routing.memo import ByteMemo
 from ..tor.automap import aresolve_automap
 
 if TYPE_CHECKING:
     from .service import LookupDaemon
 
-#: Bound of the per-daemon memo tables (reply bytes, decision log text); cleared when full.
-MEMO_SIZE = 50_000
+#: Entry bound of the decision log-text memo (LookupDaemon); cleared when full.  Small: each
+#: entry keeps a decision (up to a 4 KB domain) alive, and the memo only pays for decisions
+#: met again (pins, cached answers), which a few thousand cover.
+MEMO_SIZE = 5_000
+#: Bound in bytes (key + value, :class:`~torroute.routing.memo.ByteMemo`) of the reply-bytes
+#: memo of each Postfix protocol; cleared when full and on reload.
+FOUND_MEMO_BYTES = 4 * 1024 * 1024
 
 
 class Answers:
@@ -54,7 +60,8 @@ class PostfixAnswers(Answers):
 
     def __init__(self, daemon: LookupDaemon) -> None:
         super().__init__(daemon)
-        self.found_cache: dict[tuple[str, int], bytes] = {}  # (onion, port) -> reply bytes
+        # (onion, port) -> reply bytes; onions are 62 characters (validated routes)
+        self.found_cache = ByteMemo(FOUND_MEMO_BYTES, max_key=80)
         daemon.on_reload.append(self.found_cache.clear)
 
     def answer_now(self, decision: Decision) -> bytes:
@@ -75,9 +82,7 @@ class PostfixAnswers(Answers):
                 except ProtocolError as exc:  # cannot happen for validated routes: defer
                     return codec.temp(f"unusable route: {exc}")
                 reply = codec.found(value)
-            if len(self.found_cache) >= MEMO_SIZE:
-                self.found_cache.clear()
-            self.found_cache[key] = reply
+            self.found_cache.put(key, reply, len(decision.onion) + 8, len(reply))
             return reply
         if isinstance(decision, NoRoute):
             return codec.notfound()

@@ -38,7 +38,9 @@ class LmtpService:
         self.daemon = daemon
         s = daemon.settings
         self.relay = Relay(daemon.router, DeliverSettings.from_config(daemon.router.config),
-                           idle_timeout=s.lmtp_idle_timeout, time_limit=s.lmtp_time_limit)
+                           idle_timeout=s.lmtp_idle_timeout, time_limit=s.lmtp_time_limit,
+                           max_per_onion=s.lmtp_max_per_onion,
+                           max_waiting_per_onion=s.lmtp_max_waiting_per_onion)
         self.tasks: set[asyncio.Task] = set()  # relays in flight, one per busy session
 
     @staticmethod
@@ -53,6 +55,9 @@ class LmtpService:
         self.relay.settings = deliver
         self.relay.time_limit = self.daemon.settings.lmtp_time_limit
         self.relay.pool.idle_timeout = self.daemon.settings.lmtp_idle_timeout
+        self.relay.pool.max_idle = self.daemon.settings.lmtp_max_per_onion
+        self.relay.gates.max_per_onion = self.daemon.settings.lmtp_max_per_onion
+        self.relay.gates.max_waiting = self.daemon.settings.lmtp_max_waiting_per_onion
 
     def factory(self) -> LmtpSession:
         return LmtpSession(self)
@@ -78,6 +83,8 @@ class LmtpService:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=5)
         self.relay.close()
+        stats = {**self.relay.stats, **self.relay.gates.stats}
+        log.info("lmtp: relay stats %s", " ".join(f"{k}={v}" for k, v in stats.items()))
 
 
 class LmtpSession(asyncio.Protocol):
@@ -219,6 +226,8 @@ class LmtpSession(asyncio.Protocol):
     def _maybe_finish(self) -> None:
         """The daemon stops: an idle session closes now (421), a relaying one after its
         replies."""
+        # transactions still waiting for a connection to their onion are answered 4xx now
+        self.service.relay.gates.close()
         if self.closing or self.relaying is not None:
             return
         if self.transport is not None:

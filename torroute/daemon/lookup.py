@@ -26,6 +26,18 @@ log = logging.getLogger(__package__)  # one logger for all the daemon's lines: t
 
 #: Postfix probes transport_maps with '*' at start: never a default route.
 WILDCARD_PROBE = NoRoute("*", "wildcard probe")
+#: the results (Decision.kind) every protocol's lookup counter starts with
+RESULTS = ("route", "noroute", "tempfail", "reject")
+
+
+def count_table(daemon: LookupDaemon, proto: str) -> collections.defaultdict[str, int]:
+    """``daemon.lookups[proto]``: answers by result, what the metrics and ``torroute status``
+    show.  Made on first use; the hot path does one increment per answer on it."""
+    table = daemon.lookups
+    counts = table.get(proto)
+    if counts is None:
+        counts = table[proto] = collections.defaultdict(int, dict.fromkeys(RESULTS, 0))
+    return counts
 
 
 class LookupConnection(asyncio.Protocol):
@@ -35,6 +47,7 @@ class LookupConnection(asyncio.Protocol):
         self.daemon = daemon
         self.proto = proto
         self.parser = proto.parser(daemon.settings.max_request)
+        self.counts = count_table(daemon, proto.name)
         self.transport: asyncio.Transport | None = None
         self.backlog: collections.deque[Lookup | Malformed] = collections.deque()
         self.worker: asyncio.Task | None = None
@@ -90,6 +103,7 @@ class LookupConnection(asyncio.Protocol):
     def _handle(self, events: list) -> None:
         daemon = self.daemon
         transport = self.transport
+        counts = self.counts
         for ev in events:
             if self.closing:
                 return
@@ -110,6 +124,7 @@ class LookupConnection(asyncio.Protocol):
                 self.backlog.append(ev)
                 continue
             transport.write(reply)
+            counts[decision.kind] += 1
             if daemon.log_decisions:
                 daemon.log_decision(self.proto.name, ev, decision, started, "")
         if self.backlog and self.worker is None:
@@ -150,6 +165,7 @@ class LookupConnection(asyncio.Protocol):
                 if self.closing:
                     return
                 self.transport.write(reply)
+                self.counts[decision.kind] += 1
                 if self.daemon.log_decisions:
                     self.daemon.log_decision(self.proto.name, ev, decision, started, note)
             if not self.paused and self.transport is not None and not self.closing:

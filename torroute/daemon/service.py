@@ -13,6 +13,7 @@ the MTA defers instead of using its default (clear-net) transport.
 from __future__ import annotations
 
 import asyncio
+import collections
 import grp
 import logging
 import os
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..endpoint import Endpoint
@@ -35,6 +36,10 @@ from .answers import ANSWERS, MEMO_SIZE, Answers
 from .lmtp import LmtpService, LmtpSession
 from .lookup import WILDCARD_PROBE, LookupConnection
 from .settings import ServeSettings
+
+if TYPE_CHECKING:
+    from .health import HealthService
+    from .metrics import RelayCounters
 
 log = logging.getLogger(__package__)  # one logger for all the daemon's lines: torroute.daemon
 
@@ -96,6 +101,10 @@ class LookupDaemon:
         self.reload_state = ReloadState(True, time.time(), "started", len(self.router.pins))
         self.reload_failures = 0  # since start (torroute_reload_failures_total)
         self.started = time.time()
+        #: answers by protocol and result (:func:`.lookup.count_table`): metrics and status
+        self.lookups: dict[str, collections.defaultdict[str, int]] = {}
+        self.health: HealthService | None = None  # set by health.make_service
+        self.relay_counters: RelayCounters | None = None  # made by metrics.relay_counters
         #: side services (per-onion health, canaries and healing; metrics; the status socket),
         #: each with ``async start()`` / ``async stop()``, started after the listeners
         self.services: list[Any] = []
@@ -138,7 +147,6 @@ class LookupDaemon:
 
     # listeners
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         if not any(self.settings.listeners.values()):
             raise ConfigError("no listeners: give --socketmap, --tcp-table, --exim or --lmtp "
                               "(or [serve] socketmap/tcp_table/exim/lmtp)")
@@ -157,13 +165,7 @@ class LookupDaemon:
                         def factory(proto: Answers = proto) -> LookupConnection:
                             return LookupConnection(self, proto)
 
-                    if ep.family == "unix":
-                        server = await self._unix_server(loop, factory, ep)
-                    else:
-                        server = await loop.create_server(factory, ep.host, ep.port,
-                                                          reuse_address=True, backlog=1024)
-                    self.servers.append((kind, ep, server))
-                    log.info("listening: %s on %s", kind, self.bound(kind, ep))
+                    await self.listen(kind, ep, factory)
             for make in side_services():
                 service = make(self)
                 if service is not None:
@@ -172,6 +174,22 @@ class LookupDaemon:
         except BaseException:
             await self.stop(drain=False)
             raise
+
+    async def listen(self, kind: str, ep: Endpoint,
+                     factory: Callable[[], asyncio.BaseProtocol]) -> asyncio.base_events.Server:
+        """Bind one listener of any kind (lookups, LMTP, and the side services' metrics and
+        status sockets): a unix socket with the socket mode/group and the stale-socket check,
+        or TCP as given.  It is kept in ``servers``: :meth:`stop` closes it and removes its
+        socket file, and ``torroute status`` lists it."""
+        loop = asyncio.get_running_loop()
+        if ep.family == "unix":
+            server = await self._unix_server(loop, factory, ep)
+        else:
+            server = await loop.create_server(factory, ep.host, ep.port, reuse_address=True,
+                                              backlog=1024)
+        self.servers.append((kind, ep, server))
+        log.info("listening: %s on %s", kind, self.bound(kind, ep))
+        return server
 
     def bound(self, kind: str, ep: Endpoint) -> Endpoint:
         """The endpoint actually bound (the port chosen when 0 was asked for)."""
@@ -281,14 +299,14 @@ class LookupDaemon:
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting, let in-flight lookups answer (up to drain_timeout), then close."""
         self.stopping = True
+        for _kind, _ep, server in self.servers:
+            server.close()  # first, before any await: nothing new is accepted from here on
         for service in reversed(self.services):
             try:
                 await service.stop()
             except Exception:
                 log.exception("stopping %s failed", type(service).__name__)
         self.services.clear()
-        for _kind, _ep, server in self.servers:
-            server.close()
         for conn in list(self.connections):
             conn._maybe_finish()  # idle connections close now, busy ones after their answer
         if drain and self.connections:

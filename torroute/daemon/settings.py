@@ -53,6 +53,8 @@ SERVE = Section("serve", {
     "lmtp_time_limit": float,
     "lmtp_max_size": int,
     "lmtp_session_idle_timeout": float,
+    "lmtp_max_per_onion": int,
+    "lmtp_max_waiting_per_onion": int,
     # operating (docs/operating.rst): status socket, metrics, canaries, self-healing
     "status_socket": lambda value: Endpoint.parse(value) if value else None,
     "metrics": lambda value: Endpoint.parse(value) if value else None,
@@ -102,6 +104,11 @@ class ServeSettings:
     # an LMTP session without a command this long gets 421 and is closed; above Postfix's
     # lmtp_connection_cache_time_limit (2 s), so a connection Postfix caches is never cut
     lmtp_session_idle_timeout: float = 10.0
+    # fairness (docs/postfix.rst): connections in use per onion at once, and transactions
+    # queued per onion beyond that (more are answered 4xx at once: a slow onion holds at most
+    # the sum of Postfix's lmtp agents)
+    lmtp_max_per_onion: int = 48
+    lmtp_max_waiting_per_onion: int = 16
     # operating (docs/operating.rst)
     status_socket: Endpoint | None = None  # where `torroute status` asks the running daemon
     metrics: Endpoint | None = None  # Prometheus /metrics over HTTP
@@ -149,6 +156,9 @@ class ServeSettings:
             raise ConfigError("lmtp_idle_timeout, lmtp_time_limit, lmtp_max_size out of range")
         if not self.lmtp_session_idle_timeout > 0:
             raise ConfigError("lmtp_session_idle_timeout must be positive")
+        if self.lmtp_max_per_onion < 1 or self.lmtp_max_waiting_per_onion < 0:
+            raise ConfigError("lmtp_max_per_onion must be >= 1, lmtp_max_waiting_per_onion "
+                              ">= 0")
         if self.lmtp_answer is not None and not _LMTP_ANSWER.fullmatch(self.lmtp_answer):
             raise ConfigError(f"lmtp_transport/listener give an unusable Postfix answer "
                               f"{self.lmtp_answer!r}")
@@ -156,6 +166,12 @@ class ServeSettings:
             raise ConfigError("canary_interval must be at least 1 s, canary_timeout positive")
         if self.heal_interval <= 0 or self.heal_window <= 0:
             raise ConfigError("heal_interval and heal_window must be positive")
+        from .health import check_canaries  # ONION.onion[:PORT], v3 only
+
+        try:
+            check_canaries(self.canary)
+        except ConfigError as exc:
+            raise ConfigError(f"serve.canary: {exc}") from None
         if not self.allow_remote:
             extra = {name: (ep,) for name, ep in (("status_socket", self.status_socket),
                                                    ("metrics", self.metrics)) if ep}

@@ -15,6 +15,13 @@ Speed: SMTP connections through tor are kept per onion for a short idle time and
 (``RSET`` pipelined before the next ``MAIL``), which saves the SOCKS/circuit set-up, greeting and
 EHLO round trips.  Any error drops the connection.
 
+Fairness: at most ``max_per_onion`` connections per onion are in use at once; further
+transactions for that onion wait in its own FIFO queue (at most ``max_waiting_per_onion``), and
+beyond that are answered 4xx at once ("busy").  So one slow onion holds at most
+cap + queue of Postfix's lmtp delivery agents (all onions share Postfix's one LMTP nexthop, so
+its destination concurrency cannot tell onions apart) and mail to the others keeps flowing; the
+busy 4xx is the truth (nothing was sent), so per-recipient replies stay exact.
+
 Backup MXs: when an onion fails before the message was sent (tor cannot reach it, no or a bad
 greeting, TLS trouble), the route's further SRV targets are tried in RFC 2782 order within the
 same ``time_limit``; a reply to the transaction (4xx/5xx) or a permanent tor refusal is final.
@@ -23,6 +30,7 @@ same ``time_limit``; a reply to the transaction (4xx/5xx) or a permanent tor ref
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -156,6 +164,88 @@ class ConnectionPool:
         return sum(map(len, self.idle.values()))
 
 
+class _Gate:
+    """The connections in use to one onion and the transactions waiting for one (FIFO)."""
+
+    __slots__ = ("busy", "waiters")
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+
+
+class OnionGates:
+    """Per-onion connection cap with a bounded FIFO queue per onion: what keeps a slow onion
+    from taking every connection (and every Postfix delivery agent)."""
+
+    def __init__(self, max_per_onion: int, max_waiting: int) -> None:
+        self.max_per_onion = max_per_onion
+        self.max_waiting = max_waiting
+        self.gates: dict[Key, _Gate] = {}
+        self.stats = {"queued": 0, "busy_refused": 0, "max_waiting": 0}
+        self.closed = False  # shutting down: nothing waits any more, nothing new starts
+
+    def close(self) -> None:
+        """The daemon stops: every waiting transaction (nothing of it sent yet) and every
+        later one is refused (-> 4xx) at once; connections in use finish their transaction."""
+        self.closed = True
+        for gate in self.gates.values():
+            for waiter in gate.waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
+            gate.waiters.clear()
+
+    async def acquire(self, key: Key) -> bool:
+        """Take a slot for ``key`` (waiting in its queue if need be); False: the queue is
+        full, take no slot and defer."""
+        if self.closed:
+            return False
+        gate = self.gates.get(key)
+        if gate is None:
+            gate = self.gates[key] = _Gate()
+        if gate.busy < self.max_per_onion and not gate.waiters:
+            gate.busy += 1
+            return True
+        if len(gate.waiters) >= self.max_waiting:
+            self.stats["busy_refused"] += 1
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        gate.waiters.append(waiter)
+        self.stats["queued"] += 1
+        self.stats["max_waiting"] = max(self.stats["max_waiting"], len(gate.waiters))
+        try:
+            # release() hands its slot over (True: busy stays counted); close() says False
+            got = await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.release(key)  # handed a slot just as we were cancelled: pass it on
+            elif waiter in gate.waiters:
+                gate.waiters.remove(waiter)
+                self._forget(key, gate)
+            raise
+        if not got:
+            self._forget(key, gate)
+        return got
+
+    def release(self, key: Key) -> None:
+        gate = self.gates[key]
+        while gate.waiters:
+            waiter = gate.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+        gate.busy -= 1
+        self._forget(key, gate)
+
+    def _forget(self, key: Key, gate: _Gate) -> None:
+        if gate.busy <= 0 and not gate.waiters and self.gates.get(key) is gate:
+            del self.gates[key]
+
+    def waiting(self, key: Key) -> int:
+        gate = self.gates.get(key)
+        return len(gate.waiters) if gate is not None else 0
+
+
 def outcome_reply(outcome: Outcome) -> bytes:
     """An Outcome as the LMTP reply for one recipient."""
     code = 250 if outcome.status == DELIVERED else 550 if outcome.status == BOUNCED else 451
@@ -166,18 +256,24 @@ class Relay:
     """Relays LMTP transactions; ``settings`` are the ``[deliver]`` settings (EHLO name,
     SocksPort, timeouts, STARTTLS, isolation), ``time_limit`` bounds one transaction (below
     Postfix's lmtp_data_done_timeout, 600 s, so Postfix never gives up on an answer it would
-    then get)."""
+    then get).  ``max_per_onion`` connections per onion at once, ``max_waiting_per_onion``
+    transactions queued per onion beyond that (more: 4xx at once)."""
 
     def __init__(self, router: Router, settings: DeliverSettings, idle_timeout: float = 10.0,
                  time_limit: float = 540.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_per_onion: int = 48,
+                 max_waiting_per_onion: int = 16) -> None:
         self.router = router
         self.settings = settings
         self.time_limit = time_limit
-        self.pool = ConnectionPool(idle_timeout)
+        # idle connections kept per onion: as many as may be in use at once
+        self.pool = ConnectionPool(idle_timeout, max_idle=max(max_per_onion, 1))
+        self.gates = OnionGates(max_per_onion, max_waiting_per_onion)
         self.clock = clock
-        self.stats = {"dialed": 0, "reused": 0}
-        #: called with every :class:`Attempt` (must not raise or block: the hot path)
+        self.stats = {"dialed": 0, "reused": 0, "transactions": 0}
+        #: called with every :class:`Attempt` (must not raise or block: the hot path); a
+        #: transaction refused by the per-onion gates (busy, shutting down) tried no target
+        #: and is no attempt
         self.on_attempt: list[Callable[[Attempt], None]] = []
 
     def _report(self, key: Key, reached: bool, outcome: Outcome, socks_code: int | None,
@@ -194,6 +290,7 @@ class Relay:
 
     async def relay(self, txn: Transaction) -> list[bytes]:
         """One reply per recipient, in order.  Never raises (except cancellation)."""
+        self.stats["transactions"] += 1
         replies: list[bytes | None] = [None] * len(txn.recipients)
         # one SMTP transaction per onion; with tls_verify per onion and domain, so that a
         # certificate is judged for each domain alone (one recipient cannot hold back another)
@@ -268,6 +365,24 @@ class Relay:
         sent in a way the next target may not (then nothing was delivered here).  ``key`` is a
         route of the Router, so a validated v3 onion (pins, SRV targets and onion names are
         checked by parse_onion there)."""
+        host, port = key
+        destination = f"{host}:{port}"
+        if not await self.gates.acquire(key):
+            g = self.gates
+            if g.closed:
+                return [temporary("4.3.2", f"{destination}: not sent, torroute is shutting "
+                                  "down")] * len(rcpts), False
+            return [temporary("4.4.5", f"{destination}: busy ({g.max_per_onion} connections "
+                              f"in use, {g.max_waiting} transactions waiting); try again later")
+                    ] * len(rcpts), False
+        try:
+            return await self._deliver_now(key, sender, rcpts, message, domains)
+        finally:
+            self.gates.release(key)
+
+    async def _deliver_now(self, key: Key, sender: bytes, rcpts: list[bytes], message: bytes,
+                           domains: list[str]) -> tuple[list[Outcome], bool]:
+        """:meth:`_deliver_to` once a connection slot for ``key`` is held."""
         host, port = key
         s = self.settings
         destination = f"{host}:{port}"

@@ -40,6 +40,14 @@ FILES = ("main.cf", "master.cf")
 PIPE_SERVICE = "torroute/unix"
 LMTP_SERVICE = "torroute-lmtp/unix"
 RECIPIENT_LIMIT = "torroute_destination_recipient_limit"
+#: LMTP mode's main.cf settings for its transport (docs/postfix.rst, "Throughput and
+#: fairness"): every onion shares the one LMTP nexthop -- our own daemon, not a remote site --
+#: so Postfix's per-destination slow start (5 agents, +1 per 5..20 deliveries) and limit (20)
+#: would hold all onion mail back together; the relay caps each onion itself
+#: (lmtp_max_per_onion + lmtp_max_waiting_per_onion = 64 of these 100 agents at most; 100 is
+#: master.cf's default process limit for the service)
+LMTP_PARAMETERS = {"torroute-lmtp_destination_concurrency_limit": "100",
+                   "torroute-lmtp_initial_destination_concurrency": "100"}
 #: parameters that decide the clear-net route of a domain torroute does not know: never touched
 CLEAR_NET_PARAMETERS = ("default_transport", "relayhost", "relay_transport", "sender_dependent_"
                         "default_transport_maps", "sender_dependent_relayhost_maps",
@@ -193,6 +201,8 @@ def wanted(options: SetupOptions, params: Mapping[str, str],
     out = {"transport_maps": join_maps([options.table, *tables])}
     if options.mode == "pipe":
         out[RECIPIENT_LIMIT] = "1"
+    else:
+        out.update(LMTP_PARAMETERS)
     return out
 
 

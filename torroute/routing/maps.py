@@ -90,6 +90,8 @@ class PinMap:
         self.v2: list[MapProblem] = []  # ignored v2 pins (v2_pins = "unpinned")
         self.problems: list[MapProblem] = []
         self.files: list[Path] = []
+        #: (domain, earlier source, later source, same target?) of every domain listed twice
+        self.duplicates: list[tuple[str, str, str, bool]] = []
 
     def __len__(self) -> int:
         return len(self.pins)
@@ -152,6 +154,7 @@ class PinMap:
             return
         before = (f"{previous.onion}:{previous.port}" if isinstance(previous, Pin)
                   else "an invalid onion")
+        self.duplicates.append((domain, previous.source, source, before == what))
         if before != what:
             log.warning("map %s: %s was pinned to %s at %s; the later entry wins (%s)",
                         source, domain, before, previous.source, what)

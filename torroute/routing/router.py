@@ -30,7 +30,9 @@ from ..config import Config, domain_matches, normalize_domain
 from ..endpoint import HostPort
 from ..errors import InvalidOnion
 from .decisions import Decision, NoRoute, Reject, Route, TempFail, destination_domain
+from .dns_transport import UdpNameserver, encode_query
 from .maps import Pin, PinMap, load_maps
+from .memo import ByteMemo
 from .onion import is_onion_name, parse_onion
 from .srv import SrvTarget, order_targets, valid_onion_targets
 
@@ -61,6 +63,8 @@ def decide_static(domain: str, config: Config, pins: PinMap) -> Decision | None:
             return Route(domain, pin.onion, pin.port, f"map {pin.source}")
         # an operator's typo: defer until the map is fixed; never SRV, never the clear net
         return TempFail(domain, f"invalid pin at {pin.source}: {pin.message}")
+    if len(domain) + len(config.srv_service) + 1 > 253:  # over 255 octets on the wire
+        return NoRoute(domain, "too long for an SRV name: no SRV record can exist")
     return None
 
 
@@ -71,10 +75,23 @@ def srv_query(domain: str, config: Config) -> dns.message.QueryMessage:
     return query
 
 
+def srv_query_wire(domain: str, config: Config) -> bytes:
+    """:func:`srv_query`'s wire bytes (id 0), rendered without dnspython for plain names."""
+    wire = encode_query(f"{config.srv_service}.{domain}", dns.rdatatype.SRV,
+                        dns.flags.RD | dns.flags.AD, config.require_dnssec)
+    if wire is None:
+        query = srv_query(domain, config)
+        query.id = 0
+        wire = query.to_wire()
+    return wire
+
+
 def decide_srv(
-    domain: str, query: dns.message.Message, response: dns.message.Message, config: Config
+    domain: str, query: dns.message.Message | None, response: dns.message.Message,
+    config: Config,
 ) -> tuple[Decision, float]:
-    """A decision and how long it may be cached (0 = not at all) from one SRV response."""
+    """A decision and how long it may be cached (0 = not at all) from one SRV response (the
+    response is already matched to ``query``, which may be None)."""
     rcode = response.rcode()
     if rcode == dns.rcode.NXDOMAIN:
         return NoRoute(domain, "no SRV record (NXDOMAIN)"), _negative_ttl(response, config)
@@ -163,7 +180,8 @@ class SrvLookup:
     def __init__(self, domain: str, config: Config, nameservers: list[HostPort]) -> None:
         self.domain = domain
         self.config = config
-        self.query = srv_query(domain, config)
+        self.wire = srv_query_wire(domain, config)  # what the asyncio driver sends (id 0)
+        self._query: dns.message.Message | None = None
         self.timeout = config.dns_timeout
         self.asked = 0  # nameservers asked (a TCP retry of the same one is not counted)
         self.tcp = False
@@ -172,6 +190,14 @@ class SrvLookup:
         self._servers = iter(nameservers)
         self._failure = "no nameserver configured"
         self._next_server()
+
+    @property
+    def query(self) -> dns.message.Message:
+        """The question as a dnspython message (random id), made when first needed: by the
+        blocking driver, for TCP, and for the transport's rare full answer check."""
+        if self._query is None:
+            self._query = srv_query(self.domain, self.config)
+        return self._query
 
     @property
     def done(self) -> bool:
@@ -183,7 +209,7 @@ class SrvLookup:
         if not self.tcp and response.flags & dns.flags.TC:
             self.tcp = True  # truncated: the same question to the same server over TCP
             return
-        decision, ttl = decide_srv(self.domain, self.query, response, self.config)
+        decision, ttl = decide_srv(self.domain, self._query, response, self.config)
         if isinstance(decision, TempFail):
             self._failure = f"{decision.reason} from {host}:{port}"
             self._next_server()
@@ -205,9 +231,13 @@ class SrvLookup:
             self.asked += 1
 
 
-#: Bound of the router's memo of static decisions (domain -> decision or DNS name); cleared
-#: when full and on every change of configuration or pins.
-STATIC_MEMO_SIZE = 50_000
+#: Bound of the router's memo of static decisions (domain -> decision or DNS name) in bytes of
+#: key + value (:class:`~torroute.routing.memo.ByteMemo`); cleared when full and on every
+#: change of configuration or pins.
+STATIC_MEMO_BYTES = 4 * 1024 * 1024
+#: Longer destination domains are decided anew each time, never memoised (a domain name has at
+#: most 253 octets; anything longer is garbage from the wire)
+STATIC_MEMO_MAX_KEY = 300
 
 
 class Router:
@@ -220,12 +250,13 @@ class Router:
 
     def __init__(self, config: Config, pins: PinMap | None = None) -> None:
         # destination domain -> its static decision, or the normalised name to ask DNS for
-        self._static: dict[str, Decision | str] = {}
+        self._static: ByteMemo = ByteMemo(STATIC_MEMO_BYTES, STATIC_MEMO_MAX_KEY)
         self._config = config
         self._pins = load_pins(config) if pins is None else pins
         self.cache = DecisionCache(config.cache_size)
         self._inflight: dict[str, asyncio.Future[Decision]] = {}  # one DNS query per domain
         self._nameservers: list[HostPort] | None = None
+        self._udp: dict[HostPort, UdpNameserver] = {}  # the asyncio driver's shared sockets
         self.dns_queries = 0  # counts nameservers asked, for tests and stats
 
     def __repr__(self) -> str:
@@ -261,6 +292,19 @@ class Router:
         self._static.clear()
         self.cache = DecisionCache(config.cache_size)
         self._nameservers = None
+        self._retire_udp()
+
+    def _retire_udp(self) -> None:
+        for ns in self._udp.values():
+            ns.retire()
+        self._udp = {}
+
+    def _udp_nameserver(self, server: HostPort) -> UdpNameserver:
+        """The shared UDP socket(s) to ``server`` on the running event loop."""
+        ns = self._udp.get(server)
+        if ns is None or (ns.loop is not None and ns.loop is not asyncio.get_running_loop()):
+            ns = self._udp[server] = UdpNameserver(*server)
+        return ns
 
     # -- decisions -----------------------------------------------------------------------
     def decide_now(self, domain_or_address: str) -> Decision | None:
@@ -286,9 +330,7 @@ class Router:
         """Memoise ``domain``'s static decision, or the name DNS is asked for."""
         static = decide_static(domain, self._config, self._pins)
         memo = static if static is not None else normalize_domain(domain)
-        if len(self._static) >= STATIC_MEMO_SIZE:
-            self._static.clear()
-        self._static[domain] = memo
+        self._static.put(domain, memo, len(domain), _memo_size(memo))
         return memo
 
     def route(self, domain_or_address: str) -> Decision:
@@ -367,25 +409,22 @@ class Router:
         return lookup.outcome
 
     async def _lookup_async(self, domain: str) -> tuple[Decision, float]:
-        import dns.asyncbackend
-        import dns.asyncquery
-
         lookup = SrvLookup(domain, self._config, self.nameservers())
         try:
             while lookup.outcome is None:
-                host, port = lookup.server
+                server = lookup.server
                 try:
-                    if lookup.tcp:
-                        response = await dns.asyncquery.tcp(lookup.query, host, port=port,
+                    if lookup.tcp:  # truncated over UDP (rare: dnspython's TCP, loaded then)
+                        from dns import asyncquery  # not "import dns...": dns stays global
+
+                        host, port = server
+                        response = await asyncquery.tcp(lookup.query, host, port=port,
                                                             timeout=lookup.timeout)
                     else:
-                        # connected, as in _lookup_sync (asyncio's backend would not connect it)
-                        backend = dns.asyncbackend.get_default_backend()
-                        async with await backend.make_socket(
-                                _family(host), socket.SOCK_DGRAM, 0, None, (host, port)) as sock:
-                            response = await dns.asyncquery.udp(
-                                lookup.query, host, port=port, sock=sock,
-                                timeout=lookup.timeout, ignore_unexpected=True)
+                        # one connected UDP socket per nameserver shared by every question in
+                        # flight (dns_transport); ECONNREFUSED fails at once, as in _lookup_sync
+                        response = await self._udp_nameserver(server).ask(
+                            lookup.wire, lookup.timeout, _query_of(lookup))
                 except (dns.exception.DNSException, OSError) as exc:
                     lookup.failed(exc)
                 else:
@@ -393,6 +432,17 @@ class Router:
         finally:
             self.dns_queries += lookup.asked
         return lookup.outcome
+
+
+def _query_of(lookup: SrvLookup):
+    return lambda: lookup.query
+
+
+def _memo_size(memo: Decision | str) -> int:
+    """Bytes a static decision holds beyond the fixed overhead (its strings)."""
+    if memo.__class__ is str:
+        return len(memo)  # type: ignore[arg-type]
+    return len(memo.domain) + len(getattr(memo, "reason", "")) + 100  # the dataclass itself
 
 
 def _family(host: str) -> socket.AddressFamily:

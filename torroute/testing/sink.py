@@ -70,6 +70,10 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):  # noqa: N802
+        if self.sink.data_delay > 0:  # a slow MX (bench/fairness.py): the reply comes late
+            import asyncio
+
+            await asyncio.sleep(self.sink.data_delay)
         if self.sink.data_reply:
             return self.sink.data_reply
         data = envelope.original_content or envelope.content
@@ -91,14 +95,15 @@ class MaildirSink:
 
     ``tls_context`` offers STARTTLS (``require_starttls`` insists on it); ``smtputf8`` and
     ``pipelining`` say whether those are offered (default: not, as aiosmtpd; ``**ESMTP_FULL``
-    offers both and takes 64 MiB).  Also a context manager.
+    offers both and takes 64 MiB).  ``data_delay`` (seconds) holds every reply to the end of
+    DATA that long: a slow MX, for fairness benches.  Also a context manager.
     """
 
     def __init__(self, maildir: Path | str | None = None, port: int = 0,
                  host: str = "127.0.0.1", hostname: str = "sink.testnet.invalid", *,
                  smtputf8: bool = False, pipelining: bool = False,
                  tls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
-                 data_size_limit: int = 33554432) -> None:
+                 data_size_limit: int = 33554432, data_delay: float = 0.0) -> None:
         self.maildir_path = Path(maildir) if maildir is not None else None
         self.host = host
         self.port = port
@@ -108,6 +113,7 @@ class MaildirSink:
         self.tls_context = tls_context
         self.require_starttls = require_starttls
         self.data_size_limit = data_size_limit
+        self.data_delay = data_delay
         self.messages: list[Received] = []
         self.ehlo_names: list[str] = []
         self.rcpt_replies: dict[str, str] = {}  # lowercased address -> SMTP reply

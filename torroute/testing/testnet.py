@@ -27,6 +27,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -240,8 +241,9 @@ class Node:
     role: str  # "authority" | "relay" | "hs" | "client"
     datadir: Path
     control_port: int
-    or_port: int = 0
+    or_port: int = 0  # the advertised ORPort (the latency proxy's, with latency)
     dir_port: int = 0
+    or_bind_port: int = 0  # with latency: where tor itself listens (NoAdvertise)
     fingerprint: str = ""
     v3ident: str = ""
     pid: int | None = None
@@ -281,8 +283,16 @@ class PrivateNetwork:
 
     def __init__(self, directory: Path | str, onion_ports: Mapping[int, HostPort] | None = None,
                  *, owner_pid: int | None = None, progress: Progress | None = None,
-                 tor: str | None = None, tor_gencert: str | None = None) -> None:
+                 tor: str | None = None, tor_gencert: str | None = None,
+                 latency_ms: float = 0) -> None:
         self.directory = Path(directory).absolute()
+        if latency_ms < 0:
+            raise ValueError("latency_ms must not be negative")
+        #: added per relay hop, each direction: every ORPort is advertised on a
+        #: torroute.testing.latency proxy that forwards to the relay's real (NoAdvertise) one
+        self.latency_ms = latency_ms
+        self.latency_pid: int | None = None
+        self._latency: subprocess.Popen | None = None
         self.onion_ports: dict[int, HostPort] = dict(onion_ports or {25: ("127.0.0.1", 25)})
         for vport, target in self.onion_ports.items():
             if not is_loopback_ipv4(target[0]):
@@ -423,7 +433,8 @@ class PrivateNetwork:
         (self.directory / "torrc-defaults").write_text("")  # never /etc/tor/torrc-defaults
         # ports: 3 per authority, 2 per relay, 1 hs, 4 client (the last one, DNS, also UDP)
         count = AUTHORITIES * 3 + RELAYS * 2 + 1 + 4
-        ports = iter(free_ports(count, udp_too=[count - 1]))
+        ports_all = free_ports(count, udp_too=[count - 1])
+        ports = iter(ports_all)
         self.nodes = []
         for i in range(AUTHORITIES):
             self.nodes.append(Node(f"auth{i}", "authority", self.directory / f"auth{i}",
@@ -434,6 +445,11 @@ class PrivateNetwork:
         self.nodes.append(Node("hs", "hs", self.directory / "hs", next(ports)))
         self.nodes.append(Node("client", "client", self.directory / "client", next(ports)))
         self.socks_port, self.socks_ext_port, self.dns_port = next(ports), next(ports), next(ports)
+        if self.latency_ms:
+            taken = set(ports_all)
+            extra = [p for p in free_ports(2 * AUTHORITIES + 2 * RELAYS) if p not in taken]
+            for node, port in zip([n for n in self.nodes if n.or_port], extra, strict=False):
+                node.or_bind_port = port
         for node in self.nodes:
             (node.datadir / "keys").mkdir(parents=True, exist_ok=True)
             os.chmod(node.datadir, 0o700)
@@ -537,7 +553,9 @@ class PrivateNetwork:
     def _relay_lines(self, node: Node) -> str:
         lines = [
             "SocksPort 0",
-            f"ORPort 127.0.0.1:{node.or_port}",
+            *([f"ORPort 127.0.0.1:{node.or_port}"] if not node.or_bind_port else
+              [f"ORPort 127.0.0.1:{node.or_port} NoListen",  # the latency proxy's
+               f"ORPort 127.0.0.1:{node.or_bind_port} NoAdvertise"]),
             "AddressDisableIPv6 1",
             "AssumeReachable 1",
             "ExitRelay 0",
@@ -595,6 +613,7 @@ class PrivateNetwork:
         for node in self.nodes:  # check every torrc before any tor starts
             texts[node.name] = self.torrc(node, offset)
             check_torrc(texts[node.name], _read_text)
+        self._start_latency()
         for node in self.nodes:
             node.torrc_path.write_text(texts[node.name])
             with open(node.datadir / "console.log", "wb") as console:
@@ -606,6 +625,34 @@ class PrivateNetwork:
             node.pid = node.process.pid
         self._write_state(ready=False)
         self._say(f"started {len(self.nodes)} tors (voting offset {offset})")
+
+    def _start_latency(self) -> None:
+        """With ``latency_ms``: one proxy process for every ORPort, following the owner as the
+        tors do (it exits once the owner or the directory is gone)."""
+        if not self.latency_ms:
+            return
+        mappings = [f"127.0.0.1:{n.or_port}=127.0.0.1:{n.or_bind_port}"
+                    for n in self.nodes if n.or_bind_port]
+        with open(self.directory / "latency.log", "wb") as log:
+            self._latency = subprocess.Popen(
+                [sys.executable, "-m", "torroute.testing.latency",
+                 "--delay-ms", f"{self.latency_ms:g}", "--owner", str(self.owner_pid),
+                 "--dir", str(self.directory), *mappings],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True, close_fds=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                    filter(None, [_package_root(), os.environ.get("PYTHONPATH")]))})
+        assert self._latency.stdout is not None
+        line = self._latency.stdout.readline()
+        if not line.startswith(b"ready"):
+            self._latency.kill()
+            self._latency.wait()
+            raise BootError("the latency proxy did not start", "latency",
+                            _tail(self.directory / "latency.log"))
+        self._latency.stdout.close()
+        self.latency_pid = self._latency.pid
+        self._say(f"latency proxies: {self.latency_ms:g} ms per hop and direction on "
+                  f"{len(mappings)} ORPorts")
 
     def _check_alive(self) -> None:
         for node in self.nodes:
@@ -790,7 +837,16 @@ class PrivateNetwork:
         """SIGTERM our tors (and the keeper) by pid (they exit at once: ShutdownWaitLength 0)."""
         self.close_controllers()
         pids = [n.pid for n in self.nodes if n.pid]
+        if self.latency_pid:
+            pids.append(self.latency_pid)
         stop_pids(pids, self.directory)
+        if self._latency is not None:
+            try:
+                self._latency.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            self._latency = None
+            self.latency_pid = None
         for node in self.nodes:
             if node.process is not None:
                 try:
@@ -813,6 +869,11 @@ class PrivateNetwork:
 
     def __exit__(self, *exc: object) -> None:
         self.down()
+
+
+def _package_root() -> str:
+    """The directory holding this torroute package (the proxy runs the same code)."""
+    return str(Path(__file__).resolve().parent.parent.parent)
 
 
 def _read_text(path: Path | str) -> str:

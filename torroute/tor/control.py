@@ -263,6 +263,14 @@ class Tor:
     def bootstrap(self) -> Bootstrap:
         return parse_bootstrap(self._getinfo_or("status/bootstrap-phase", ""))
 
+    def signal(self, name: str) -> None:
+        """``SIGNAL name``, e.g. NEWNYM: new circuits for new streams, and the client's
+        onion-service state (descriptors, intro point failures) purged -- what the daemon's
+        self-healing sends (torroute.daemon.health)."""
+        if not name.isalnum():
+            raise ValueError(f"not a tor signal name: {name!r}")
+        self.command(f"SIGNAL {name.upper()}")
+
     def status(self, config: Config | None = None) -> Status:
         config = config or Config()
         settings = self.settings()
