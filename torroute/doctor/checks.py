@@ -404,7 +404,7 @@ def _number(value: Any) -> float | None:
 def _ago(seconds: Any) -> str:
     try:
         s = int(float(seconds))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # the answer is data: inf, nan, "x"...
         return "?"
     return f"{s // 86400}d{s % 86400 // 3600}h" if s >= 86400 else \
         f"{s // 3600}h{s % 3600 // 60}m" if s >= 3600 else f"{s}s"

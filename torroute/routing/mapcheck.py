@@ -108,8 +108,11 @@ def compare_srv(onion: str, port: int, answer: SrvAnswer) -> tuple[str, str]:
         if port not in ports:
             return WARN, (f"SRV names the pinned onion on port {', '.join(map(str, ports))}, "
                           f"the pin uses {port}")
-        return (WARN, "SRV agrees with the pin; " + "; ".join(notes)) if notes else \
-            (OK, "SRV agrees with the pin")
+        others = sorted({f"{o}:{p}" for o, p in valid if o != onion})
+        agrees = "SRV agrees with the pin" + (
+            f" (it also lists {', '.join(others)}: backups the pin does not use)"
+            if others else "")
+        return (WARN, f"{agrees}; " + "; ".join(notes)) if notes else (OK, agrees)
     if valid:
         shown = ", ".join(f"{o}:{p}" for o, p in valid)
         return WARN, f"SRV points elsewhere: {shown} (pinned: {onion}:{port})" + \
