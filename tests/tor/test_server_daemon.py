@@ -202,3 +202,44 @@ def test_bad_deliver_section_binds_no_listener(tmp_path: Path, caplog) -> None:
     with socket.socket() as probe:  # nothing listens there
         assert probe.connect_ex(("127.0.0.1", port)) != 0
     assert not (tmp_path / "lmtp.sock").exists()
+
+
+def test_sighup_while_starting_is_held_until_started(tmp_path: Path, monkeypatch) -> None:
+    """A SIGHUP that arrives while the daemon starts (its first sockets already answer, a side
+    service still starting) used to kill it (SIGHUP's default action): now it is held and the
+    reload runs once the daemon has started."""
+    import os
+    import signal as signals
+
+    from torroute.daemon import service as service_module
+
+    port = free_port()
+    reloads: list[str] = []
+
+    class HupWhileStarting:  # a side service that receives the SIGHUP during its own start
+        async def start(self) -> None:
+            os.kill(os.getpid(), signals.SIGHUP)
+            await asyncio.sleep(0.2)
+            reloads.append("started")
+
+        async def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(service_module, "side_services",
+                        lambda: [lambda daemon: HupWhileStarting()])
+
+    def reload_config() -> Config:
+        reloads.append("reload")
+        return Config()
+
+    daemon = LookupDaemon(Config(), settings(port), reload_config=reload_config)
+
+    async def main() -> None:
+        task = asyncio.create_task(service_module.run_daemon(daemon))
+        while daemon.reload_state.message != "reloaded":
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signals.SIGTERM)
+        await task
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert reloads == ["started", "reload"]

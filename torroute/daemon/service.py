@@ -339,20 +339,37 @@ def side_services() -> list[Callable[[LookupDaemon], Any]]:
 
 
 async def run_daemon(daemon: LookupDaemon, ready: Callable[[], None] | None = None) -> None:
-    """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), drain, return."""
+    """Start, serve until SIGTERM/SIGINT (SIGHUP reloads), drain, return.
+
+    The handlers are in place before the first listener is bound: a SIGHUP that comes while
+    the daemon starts (a client already sees its sockets) is held and carried out once it has
+    started, instead of killing it (SIGHUP's default action)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    await daemon.start()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    starting, held = [True], []  # a SIGHUP during start() is held
 
     def on_hup() -> None:
+        if starting:
+            held.append(True)
+            return
         sd_notify("RELOADING=1")
         daemon.reload()
         sd_notify(f"READY=1\nSTATUS={daemon.reload_state.status()}")
 
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        await daemon.start()
+    except BaseException:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        raise
+    starting.clear()
     sd_notify(f"READY=1\nSTATUS={daemon.reload_state.status()}")
+    if held:
+        on_hup()
     if ready is not None:
         ready()
     try:
@@ -360,7 +377,7 @@ async def run_daemon(daemon: LookupDaemon, ready: Callable[[], None] | None = No
     finally:
         sd_notify("STOPPING=1")
         log.warning("stopping: draining %d connections", len(daemon.connections))
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in signals:
             loop.remove_signal_handler(sig)
         await daemon.stop()
 
