@@ -28,7 +28,7 @@ from ..errors import ProtocolError
 from .side import OneRequestConnection, SideListener
 
 if TYPE_CHECKING:
-    from ..delivery.relay import Attempt
+    from ..delivery.relay import Attempt, Relay
     from .service import LookupDaemon
 
 log = logging.getLogger(__package__)
@@ -250,12 +250,10 @@ def render(daemon: LookupDaemon, now: float | None = None) -> str:
     return out.text()
 
 
-def _relay_stats(out: Exposition, relay: Any) -> None:
-    """The LMTP relay's own counters (its pool and per-onion gates), those it has."""
-    stats = getattr(relay, "stats", None)
-    gates = getattr(getattr(relay, "gates", None), "stats", None)
-    stats = stats if isinstance(stats, dict) else {}
-    gates = gates if isinstance(gates, dict) else {}
+def _relay_stats(out: Exposition, relay: Relay | None) -> None:
+    """The LMTP relay's own counters (its pool and per-onion gates); none without a relay."""
+    stats = relay.stats if relay is not None else {}
+    gates = relay.gates.stats if relay is not None else {}
     if isinstance(stats.get("transactions"), int):
         out.family("torroute_relay_transactions_total", "counter",
                    "LMTP transactions the relay handled (whatever their outcome)",
