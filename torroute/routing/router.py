@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import socket
 import time
 from collections import OrderedDict
@@ -29,6 +31,7 @@ import dns.rdatatype
 from ..config import Config, domain_matches, normalize_domain
 from ..endpoint import HostPort
 from ..errors import InvalidOnion
+from . import dns_wire
 from .decisions import Decision, NoRoute, Reject, Route, TempFail, destination_domain
 from .dns_transport import UdpNameserver, encode_query
 from .maps import Pin, PinMap, load_maps
@@ -94,25 +97,66 @@ def decide_srv(
     response is already matched to ``query``, which may be None)."""
     rcode = response.rcode()
     if rcode == dns.rcode.NXDOMAIN:
-        return NoRoute(domain, "no SRV record (NXDOMAIN)"), _negative_ttl(response, config)
+        return NoRoute(domain, _NXDOMAIN), _negative_ttl(response, config)
     if rcode != dns.rcode.NOERROR:
-        return TempFail(domain, f"DNS {dns.rcode.to_text(rcode)} for SRV"), 0.0
+        return _rcode_failure(domain, rcode), 0.0
     try:
         chain = response.resolve_chaining()
     except dns.exception.DNSException as exc:
         return TempFail(domain, f"unusable DNS answer: {exc}"), 0.0
     if chain.answer is None:
-        return NoRoute(domain, "no SRV record (NODATA)"), _negative_ttl(response, config)
-    if config.require_dnssec and not response.flags & dns.flags.AD:
+        return NoRoute(domain, _NODATA), _negative_ttl(response, config)
+    return _decide_answer(domain, response.flags, [
+        SrvTarget(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True))
+        for r in chain.answer], chain.minimum_ttl, config)
+
+
+def decide_srv_wire(domain: str, response: dns_wire.Response,
+                    config: Config) -> tuple[Decision, float] | None:
+    """:func:`decide_srv` on a response read by :func:`torroute.routing.dns_wire.decode`,
+    without dnspython; None when dnspython must decide (a CNAME chain too long, a target
+    needing escapes).  Gives exactly what
+    :func:`decide_srv` gives for the same bytes (tests/unit/test_routing_dns_wire.py)."""
+    rcode = response.flags & 0x000F
+    if rcode == dns_wire.NXDOMAIN:
+        return NoRoute(domain, _NXDOMAIN), _negative_ttl_of(dns_wire.negative_soa(response),
+                                                             config)
+    if rcode != dns_wire.NOERROR:
+        return _rcode_failure(domain, rcode), 0.0
+    chain = dns_wire.srv_answer(response)
+    if chain is None:
+        return None
+    records, min_ttl = chain
+    if records is None:
+        return NoRoute(domain, _NODATA), _negative_ttl_of(dns_wire.negative_soa(response),
+                                                          config)
+    return _decide_answer(domain, response.flags, [SrvTarget(*r) for r in records], min_ttl,
+                          config)
+
+
+_NXDOMAIN = "no SRV record (NXDOMAIN)"
+_NODATA = "no SRV record (NODATA)"
+#: one generator for RFC 2782's weighted pick, not one seeded from os.urandom (2.5 KB) per
+#: answer: that seeding was a tenth of an SRV decision; reseeded in a forked child
+_RNG = random.Random()
+os.register_at_fork(after_in_child=_RNG.seed)
+
+
+def _rcode_failure(domain: str, rcode: int) -> TempFail:
+    return TempFail(domain, f"DNS {dns.rcode.to_text(rcode)} for SRV")
+
+
+def _decide_answer(domain: str, flags: int, records: list[SrvTarget], min_ttl: int,
+                   config: Config) -> tuple[Decision, float]:
+    """The decision from an answer's SRV records (both decoders end here)."""
+    if config.require_dnssec and not flags & dns.flags.AD:
         return TempFail(domain, "SRV answer not DNSSEC-validated (no AD bit) and require_dnssec "
                                 "is set"), 0.0
-    records = [SrvTarget(r.priority, r.weight, r.port, r.target.to_text(omit_final_dot=True))
-               for r in chain.answer]
     targets = valid_onion_targets(domain, records)
-    ttl = float(min(chain.minimum_ttl, config.max_ttl))
+    ttl = float(min(min_ttl, config.max_ttl))
     if not targets:
         return NoRoute(domain, "SRV has no valid v3 onion target"), ttl
-    ordered = order_targets(targets)
+    ordered = order_targets(targets, _RNG)
     first = ordered[0]
     return Route(domain, first.target, first.port, "srv", ttl,
                  tuple((t.target, t.port) for t in ordered[1:])), ttl
@@ -121,7 +165,14 @@ def decide_srv(
 def _negative_ttl(response: dns.message.Message, config: Config) -> float:
     for rrset in response.authority:
         if rrset.rdtype == dns.rdatatype.SOA:
-            return float(min(rrset.ttl, rrset[0].minimum, config.max_ttl))
+            return _negative_ttl_of((rrset.ttl, rrset[0].minimum), config)
+    return _negative_ttl_of(None, config)
+
+
+def _negative_ttl_of(soa: tuple[int, int] | None, config: Config) -> float:
+    """From the authority SOA's (TTL, MINIMUM), else the configured negative TTL."""
+    if soa is not None:
+        return float(min(soa[0], soa[1], config.max_ttl))
     return float(min(config.negative_ttl, config.max_ttl))
 
 
@@ -203,13 +254,25 @@ class SrvLookup:
     def done(self) -> bool:
         return self.outcome is not None
 
-    def answered(self, response: dns.message.Message) -> None:
-        """The server's response to :attr:`query`."""
+    def answered(self, response: dns.message.Message | dns_wire.Response) -> None:
+        """The server's response to :attr:`query` (dnspython's, or the asyncio driver's
+        :class:`~torroute.routing.dns_wire.Response`)."""
         host, port = self.server
         if not self.tcp and response.flags & dns.flags.TC:
             self.tcp = True  # truncated: the same question to the same server over TCP
             return
-        decision, ttl = decide_srv(self.domain, self._query, response, self.config)
+        if response.__class__ is dns_wire.Response:  # the asyncio driver's fast decoding
+            outcome = decide_srv_wire(self.domain, response, self.config)
+            if outcome is None:  # unusual: dnspython decides (it reads what decode read)
+                try:
+                    response = dns.message.from_wire(response.wire)
+                except dns.exception.DNSException as exc:
+                    self.failed(exc)
+                    return
+                outcome = decide_srv(self.domain, self._query, response, self.config)
+        else:
+            outcome = decide_srv(self.domain, self._query, response, self.config)
+        decision, ttl = outcome
         if isinstance(decision, TempFail):
             self._failure = f"{decision.reason} from {host}:{port}"
             self._next_server()
@@ -343,10 +406,19 @@ class Router:
         return decision
 
     async def aroute(self, domain_or_address: str) -> Decision:
-        decision = self.decide_now(domain_or_address)
-        if decision is not None:
-            return self._remaining_ttl(decision)
-        domain = normalize_domain(destination_domain(domain_or_address))
+        # decide_now, inlined for the name DNS is asked for: that is the memo (normalising it
+        # again was one of three normalize_domain calls per cold lookup, together a tenth of
+        # the daemon's profiled time)
+        domain = destination_domain(domain_or_address)
+        memo = self._static.get(domain)
+        if memo is None:
+            memo = self._remember(domain)
+        if memo.__class__ is not str:
+            return self._remaining_ttl(memo)  # type: ignore[arg-type]
+        domain = memo  # type: ignore[assignment]
+        hit = self.cache.get(domain)
+        if hit is not None:
+            return self._remaining_ttl(hit[0])
         pending = self._inflight.get(domain)
         if pending is None:
             # the query runs in its own task: a caller that gives up (cancelled) does not cancel
