@@ -61,7 +61,7 @@ def test_delivery_headers_intact_and_connection_reused(setup: Setup) -> None:
     assert setup.mx.sink.ehlo_names == ["localhost"], setup.daemon.log()[-3000:]
     log = setup.postfix.log()
     assert log.count(f"[{setup.lmtp_sock}], ") == 3 and log.count("status=sent") == 3
-    assert log.count("said: 250 2.0.0 stored (in reply to end of DATA command)") == 3
+    assert log.count("said: 250 2.0.0 stored (in reply to BDAT)") == 3
     assert setup.postfix.queue() == [] and setup.clear.messages == []
     assert setup.daemon.wait_log("lmtp rcpt=", count=3)
 

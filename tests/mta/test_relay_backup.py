@@ -18,15 +18,13 @@ from support.e2e import (
     MxPair,
     message,
     prio_records,
+    relay_from,
     srv_toml,
     start_lmtp_postfix,
 )
 
-from torroute.config import load_config
 from torroute.delivery.relay import Relay
-from torroute.delivery.settings import DeliverSettings
 from torroute.protocols.lmtp import Transaction
-from torroute.routing.router import Router
 from torroute.testing.dnsmasq import SrvRecord
 
 pytestmark = [pytest.mark.testnet]
@@ -35,9 +33,7 @@ BODY = b"From: a@origin.test\nSubject: relay backup\nMessage-ID: <rb@origin.test
 
 
 def make_relay(cfg: Path, time_limit: float = 540.0) -> Relay:
-    config = load_config(str(cfg))
-    return Relay(Router.from_config(config), DeliverSettings.from_config(config),
-                 idle_timeout=5.0, time_limit=time_limit)
+    return relay_from(cfg, time_limit=time_limit)
 
 
 def relay_one(relay: Relay, *rcpts: bytes) -> tuple[list[bytes], float]:

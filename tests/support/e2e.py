@@ -83,6 +83,19 @@ def srv_toml(directory: Path, dns_port: int, socks: tuple[str, int], pins: str =
     return cfg
 
 
+def relay_from(cfg: Path, idle_timeout: float = 5.0, time_limit: float = 540.0):
+    """A :class:`torroute.delivery.relay.Relay` on ``cfg``'s routing and [deliver] settings, as
+    `torroute serve --lmtp` builds it."""
+    from torroute.config import load_config
+    from torroute.delivery.relay import Relay
+    from torroute.delivery.settings import DeliverSettings
+    from torroute.routing.router import Router
+
+    config = load_config(str(cfg))
+    return Relay(Router.from_config(config), DeliverSettings.from_config(config),
+                 idle_timeout=idle_timeout, time_limit=time_limit)
+
+
 @dataclass
 class Setup:
     """A running chain: Postfix -> the daemon -> (pipe | LMTP relay) -> tor -> ``mx``.

@@ -336,7 +336,7 @@ class Tap:
         self.sock.close()
 
 
-@pytest.mark.parametrize("flag", ["", "--no-pipelining"])
+@pytest.mark.parametrize("flag", ["", "--no-pipelining", "--no-chunking"])
 def test_pipelining_flag(flag: str, fake_socks_factory, smtp_sink, postfix_dir: Path) -> None:
     tap = Tap(smtp_sink.address)
     try:
@@ -348,10 +348,13 @@ def test_pipelining_flag(flag: str, fake_socks_factory, smtp_sink, postfix_dir: 
         [mail] = [c for c in tap.chunks if c.startswith(b"MAIL FROM:")]
         lines = mail.split(b"\r\n")[:-1]
         assert lines[0].startswith(b"MAIL FROM:<alice@origin.test> SIZE="), mail
-        if flag:
+        if flag == "--no-pipelining":
             assert len(lines) == 1, mail  # alone: the client waited for each reply
-        else:
+        elif flag == "--no-chunking":
             assert lines[1:] == [b"RCPT TO:<bob@example.test>", b"DATA"], mail  # one write
+        else:  # the sink offers CHUNKING: the message goes in the same write, after BDAT
+            assert lines[1] == b"RCPT TO:<bob@example.test>", mail
+            assert lines[2].startswith(b"BDAT ") and lines[2].endswith(b" LAST"), mail
     finally:
         tap.close()
 

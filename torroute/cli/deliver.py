@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca-file", dest="tls_ca_file", metavar="FILE",
                    help="CA certificates (PEM) for --tls-verify (default: the system's)")
     for flag, what in (("pipelining", "use PIPELINING when offered (default: yes)"),
+                       ("chunking", "send the message with BDAT when CHUNKING is offered "
+                        "(default: yes)"),
                        ("isolate", "own tor circuits per destination onion (default: no)"),
                        ("require-onion", "defer a nexthop that is not a .onion (default: yes)")):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"),

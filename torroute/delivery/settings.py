@@ -13,7 +13,7 @@ STARTTLS_MODES = ("no", "opportunistic", "required")
 #: the settings DeliverSettings.from_config's overrides may set (the CLI's flags), by [deliver] key
 OVERRIDABLE = ("ehlo_name", "starttls", "connect_timeout", "command_timeout", "data_timeout",
                "time_limit", "isolate", "tls_verify", "tls_ca_file", "pipelining",
-               "require_onion")
+               "chunking", "require_onion")
 
 
 def _patterns(value: Any) -> tuple[str, ...]:
@@ -38,8 +38,8 @@ def _header_names(value: Any) -> tuple[str, ...]:
 #: the [deliver] table (the defaults are DeliverSettings' class attributes)
 DELIVER = Section("deliver", {
     "ehlo_name": text, "starttls": text, "tls_verify": boolean, "tls_ca_file": text,
-    "pipelining": boolean, "connect_timeout": seconds, "command_timeout": seconds,
-    "data_timeout": seconds, "time_limit": seconds, "isolate": boolean,
+    "pipelining": boolean, "chunking": boolean, "connect_timeout": seconds,
+    "command_timeout": seconds, "data_timeout": seconds, "time_limit": seconds, "isolate": boolean,
     "require_onion": boolean,
     # the header policy for mail from onion identities (docs/scrub.rst)
     "scrub_senders": _patterns, "scrub_headers": _header_names, "scrub_message_id": boolean,
@@ -56,6 +56,9 @@ class DeliverSettings:
     tls_verify: bool = False  # CA-verified certificate naming the recipient domain or the onion
     tls_ca_file: str | None = None  # CA certificates for tls_verify (default: the system's)
     pipelining: bool = True
+    #: BDAT when the MX offers CHUNKING (Postfix >= 3.4 and Exim >= 4.88 do): the message goes
+    #: with its envelope instead of after DATA's 354, one onion round trip less per message
+    chunking: bool = True
     connect_timeout: float = 120.0  # SOCKS connect, includes building the onion circuit
     command_timeout: float = 300.0  # greeting, EHLO, MAIL, RCPT, DATA (RFC 5321 4.5.3.2)
     data_timeout: float = 600.0  # sending the message and waiting for the final reply
@@ -138,4 +141,5 @@ class DeliverSettings:
         """The SMTP client's options for one target (``destination``: "<onion>:<port>")."""
         return Options(ehlo_name=self.ehlo_name, starttls=self.starttls,
                        pipelining=self.pipelining, destination=destination,
-                       per_recipient=per_recipient, keep_alive=keep_alive)
+                       per_recipient=per_recipient, keep_alive=keep_alive,
+                       chunking=self.chunking)

@@ -185,14 +185,17 @@ class Options(_Record):
     """Client behaviour ([deliver] settings); ``destination`` ("<onion>:25") is for messages."""
 
     __slots__ = ("ehlo_name", "starttls", "pipelining", "destination", "per_recipient",
-                 "keep_alive")
+                 "keep_alive", "chunking")
 
     def __init__(self, ehlo_name: str = "localhost", starttls: str = "no",
                  pipelining: bool = True, destination: str = "", per_recipient: bool = False,
-                 keep_alive: bool = False) -> None:
+                 keep_alive: bool = False, chunking: bool = True) -> None:
         self.ehlo_name = ehlo_name
         self.starttls = starttls  # "no" | "opportunistic" | "required"
         self.pipelining = pipelining
+        # BDAT (RFC 3030) when the server offers CHUNKING: the message goes with its
+        # envelope, without waiting for DATA's 354 -- one round trip less per message
+        self.chunking = chunking
         self.destination = destination
         # LMTP relay: each recipient gets its own status (partial delivery, as Postfix's smtp
         # client does), instead of the pipe's all or nothing
@@ -322,6 +325,8 @@ class SmtpClient:
         self._data: Reply | None = None
         self._body_sent = False
         self._last_reply: Reply | None = None
+        self._resumed = False  # on a connection kept from an earlier transaction
+        self._stale = False  # ... which was closed before it answered anything of this one
         self.reusable = False  # keep_alive: the connection may carry another transaction
         self.size = len(self.message) + self.message.count(b"\n")  # CRLF size, as SIZE wants
         self.eight_bit = is_8bit(self.message)
@@ -349,6 +354,9 @@ class SmtpClient:
 
     def connection_lost(self, detail: str = "connection closed") -> Outcome:
         """The connection ended (EOF, reset) before the transaction was decided."""
+        if self.outcome is None and self._resumed and self._unanswered() \
+                and not detail.startswith("timeout"):
+            self._stale = True
         if self.outcome is None:
             where = self._stage()
             self.outcome = temporary("4.4.2", self._said(f"lost connection {where}: {detail}"))
@@ -392,9 +400,21 @@ class SmtpClient:
         """Deferred before the message was sent, so nothing can have been delivered: the same
         transaction may run again on a fresh connection (the relay does so once when a kept
         connection turns out stale).  Looser than :attr:`may_try_next`: the server may have
-        answered MAIL or RCPT (e.g. 421 from a server that dropped the idle session)."""
+        answered MAIL or RCPT (e.g. 421 from a server that dropped the idle session).
+
+        With BDAT the message goes out with RSET/MAIL/RCPT on a kept connection, so a stale
+        one has been "sent" the message: such a transaction is retryable too when the
+        connection ended before a single reply to it came back, or its RSET was refused
+        (the server dropped the session; it took nothing).  A server that died after taking
+        the message but before saying anything is the one case where this sends it twice --
+        and the alternative, a deferral, makes Postfix send it again as well."""
         out = self.outcome
-        return out is not None and out.status == DEFERRED and not self._body_sent
+        return out is not None and out.status == DEFERRED and (not self._body_sent
+                                                               or self._stale)
+
+    def _unanswered(self) -> bool:
+        """No reply to this transaction yet (on a resumed connection RSET is the first)."""
+        return self._mail is None and (not self._expect or self._expect[0] == "RSET")
 
     @property
     def may_try_next(self) -> bool:
@@ -439,6 +459,7 @@ class SmtpClient:
         """Begin on a connection kept from an earlier transaction (greeting and EHLO done):
         ``RSET`` first, pipelined with MAIL/RCPT(/DATA) when the server offers PIPELINING."""
         self.phase = "command"
+        self._resumed = True
         self.extensions = dict(extensions)
         if not (self.options.pipelining and "PIPELINING" in self.extensions):
             self._expect = ["RSET"]
@@ -448,7 +469,7 @@ class SmtpClient:
         if self.phase == "closed" or not isinstance(first, Send):
             return actions
         self._expect.insert(0, "RSET")
-        return [Send(b"RSET" + CRLF + first.data), *actions[1:]]
+        return [Send(b"RSET" + CRLF + first.data, first.bulk), *actions[1:]]
 
     def recipient_outcomes(self) -> list[Outcome]:
         """One outcome per recipient (``per_recipient``): its own RCPT refusal, else the
@@ -481,6 +502,7 @@ class SmtpClient:
         what = self._expect.pop(0)
         if what == "RSET":
             if reply.kind != 2:
+                self._stale = True  # the server dropped the session: it takes nothing more
                 return self._finish(temporary("4.4.2", self._said(
                     f"reused connection: RSET answered {reply.text()!r}")), quit=False)
             return [] if self._expect else self._begin_transaction()
@@ -502,6 +524,9 @@ class SmtpClient:
         elif what == "END":
             where = "end of DATA command"
             return self._finish(outcome_for_reply(reply, where, self.options.destination))
+        elif what == "BDAT":
+            self._data = reply
+            return self._next()
         if self._expect:
             return []  # more pipelined replies due
         return self._next()
@@ -544,13 +569,34 @@ class SmtpClient:
         mail = b"MAIL FROM:" + format_path(self.sender) + b"".join(b" " + p for p in params)
         commands = [(b"MAIL", mail + CRLF)]
         pipelining = self.options.pipelining and "PIPELINING" in ext
+        bdat = False
         if pipelining:
             commands += [(b"RCPT", b"RCPT TO:" + format_path(r) + CRLF) for r in self.recipients]
-            if len(self.recipients) == 1:  # all or nothing needs the RCPT replies before DATA
-                commands.append((b"DATA", b"DATA" + CRLF))
+            # all or nothing needs the RCPT replies before the message goes (DATA's 354 still
+            # lets it stop; BDAT would not); per recipient, refused ones are simply not sent to
+            if len(self.recipients) == 1 or self.options.per_recipient:
+                if self._chunking():
+                    commands.append((b"BDAT", self._bdat()))
+                    bdat = True
+                elif len(self.recipients) == 1:
+                    commands.append((b"DATA", b"DATA" + CRLF))
         self._pipelining = pipelining
         self._expect = [verb.decode() for verb, _ in commands]
-        return [Send(b"".join(line for _, line in commands))]
+        return [Send(b"".join(line for _, line in commands), bulk=bdat)]
+
+    def _chunking(self) -> bool:
+        return self.options.chunking and "CHUNKING" in self.extensions
+
+    def _bdat(self) -> bytes:
+        """``BDAT <n> LAST`` and the whole message as CRLF lines (no dot-stuffing, RFC 3030);
+        from here on the message counts as sent and every reply is awaited under the data
+        deadline (a server may hold the replies to MAIL and RCPT until it has read it)."""
+        data = to_crlf(self.message)
+        if data and not data.endswith(CRLF):
+            data += CRLF
+        self._body_sent = True
+        self.phase = "data-end"
+        return b"BDAT %d LAST" % len(data) + CRLF + data
 
     def _next(self) -> list[Action]:
         """All replies in flight are in: decide the next step."""
@@ -575,8 +621,13 @@ class SmtpClient:
         if refused is not None:
             return self._abort_or_finish(refused)
         if self._data is None:
+            if self._chunking():
+                self._expect = ["BDAT"]
+                return [Send(self._bdat(), bulk=True)]
             self._expect = ["DATA"]
             return [Send(b"DATA" + CRLF)]
+        if self._body_sent:  # the reply to BDAT LAST: the server's word on the message
+            return self._finish(outcome_for_reply(self._data, "BDAT", dest))
         if self._data.code != 354:
             return self._finish(outcome_for_reply(self._data, "DATA", dest))
         self._body_sent = True
@@ -588,7 +639,7 @@ class SmtpClient:
         """Stop the transaction; if a pipelined DATA was already accepted (354), the only way
         out that delivers nothing is to drop the connection (RFC 5321: an unfinished DATA is
         discarded) -- sending '.' would deliver an empty message."""
-        if self._data is not None and self._data.code == 354:
+        if self._data is not None and self._data.code == 354 and not self._body_sent:
             return self._finish(outcome, quit=False)
         return self._finish(outcome)
 

@@ -124,8 +124,8 @@ def silent_udp() -> Iterator[SilentUdpServer]:
 
 @pytest.fixture
 def smtp_sink() -> Iterator[MaildirSink]:
-    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping messages in memory; SMTPUTF8 and
-    PIPELINING offered (``ESMTP_FULL``)."""
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 keeping messages in memory; SMTPUTF8,
+    PIPELINING and CHUNKING offered (``ESMTP_FULL``)."""
     sink = MaildirSink(**ESMTP_FULL).start()
     yield sink
     sink.stop()
