@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from support.onions import ONION_A
+from support.smtp_client import greet, make_client, sent
 
 from torroute.delivery.envelope import envelope_sender
 from torroute.delivery.pipe import parse_nexthop
@@ -33,18 +34,12 @@ EHLO_FULL = (b"250-sink.test\r\n250-PIPELINING\r\n250-SIZE 1000000\r\n250-8BITMI
 EHLO_PLAIN = b"250-sink.test\r\n250 SIZE\r\n"
 
 
-def sent(actions) -> bytes:
-    return b"".join(a.data for a in actions if isinstance(a, Send))
-
-
 def client(rcpts=(b"bob@example.test",), message=b"Subject: x\n\nhello\n", **opts) -> SmtpClient:
-    return SmtpClient(b"alice@origin.test", list(rcpts), message,
-                      Options(destination="o.onion:25", **opts))
+    return make_client(b"alice@origin.test", rcpts, message, **opts)
 
 
 def to_ehlo(c: SmtpClient, ehlo: bytes = EHLO_FULL) -> list:
-    assert sent(c.receive(b"220 sink ESMTP\r\n")) == b"EHLO localhost\r\n"
-    return c.receive(ehlo)
+    return greet(c, ehlo, b"220 sink ESMTP\r\n")
 
 
 # ---- replies

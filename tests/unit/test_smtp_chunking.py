@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from support.smtp_client import greet, make_client, sent
 
 from torroute.protocols.smtp import (
     BOUNCED,
@@ -14,7 +15,6 @@ from torroute.protocols.smtp import (
     DEFERRED,
     DELIVERED,
     Close,
-    Options,
     Send,
     SmtpClient,
 )
@@ -28,18 +28,12 @@ BDAT = b"BDAT %d LAST\r\n" % len(PAYLOAD) + PAYLOAD
 RCPTS = [b"a@x.test", b"b@x.test"]
 
 
-def sent(actions) -> bytes:
-    return b"".join(a.data for a in actions if isinstance(a, Send))
-
-
 def client(rcpts=(b"a@x.test",), message=MESSAGE, **opts) -> SmtpClient:
-    return SmtpClient(b"s@o.test", list(rcpts), message,
-                      Options(destination="o.onion:25", **opts))
+    return make_client(b"s@o.test", rcpts, message, **opts)
 
 
 def greeted(c: SmtpClient, ehlo: bytes = EHLO_CHUNKING) -> list:
-    assert sent(c.receive(b"220 mx\r\n")) == b"EHLO localhost\r\n"
-    return c.receive(ehlo)
+    return greet(c, ehlo)
 
 
 def test_one_recipient_envelope_and_message_in_one_write() -> None:
