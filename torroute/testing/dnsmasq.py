@@ -48,7 +48,7 @@ class Dnsmasq:
             DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv",
             "--no-hosts", "--no-poll", "--bind-interfaces", "--listen-address=127.0.0.1",
             f"--port={self.port}", f"--local-ttl={self.ttl}", "--user=root", "--group=root",
-            "--log-facility=-", "--log-queries",
+            "--log-facility=-",
         ]
         args += [f"--local=/{d}/" for d in self.local_domains]
         args += [f"--srv-host={r.name},{r.target},{r.port},{r.priority},{r.weight}"

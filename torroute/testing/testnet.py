@@ -61,8 +61,14 @@ __all__ = ["PrivateNetwork", "Node", "read_state", "status", "down", "remove_dir
 
 Progress = Callable[[str], None]
 
-INITIAL_VOTING_INTERVAL = 6  # seconds; the regular one must be a multiple of it (6/12)
-VOTING_INTERVAL = 12
+INITIAL_VOTING_INTERVAL = 5  # seconds; the regular one must be a multiple of it
+# The regular interval sets the onion-service time period: with TestingTorNetwork tor makes it
+# one shared-random protocol run (24 intervals) in *whole minutes*, while the run itself stays
+# 24 intervals.  12 s gave runs of 288 s but periods of 4 min: every 24 min the service's
+# descriptor rotation (it follows the runs) missed a period, and the session onion answered
+# 0xF0 (descriptor not found) for minutes while onions added later were fine.  10 s: runs and
+# periods are both 240 s, the period starts 120 s into the run, as on the real network.
+VOTING_INTERVAL = 10
 VOTE_DELAY = 2
 VOTING_LEAD = float(os.environ.get("TORROUTE_TESTNET_VOTING_LEAD", "4.5"))  # see voting_offset
 DIST_DELAY = 2
@@ -588,7 +594,13 @@ class PrivateNetwork:
                 "TestingDirAuthVoteGuard *",
                 "TestingDirAuthVoteHSDir *",
             ]) + "\n"
-        elif node.role in ("hs", "client"):
+        else:
+            # the voting schedule of the authorities, for the moments without a live consensus:
+            # tor then derives the onion time period from V3AuthVotingInterval (default 1 h,
+            # which would make the period a day: another blinded key, 0xF0)
+            text += (f"V3AuthVotingInterval {VOTING_INTERVAL}\n"
+                     f"TestingV3AuthVotingStartOffset {offset}\n")
+        if node.role in ("hs", "client"):
             text += "DisableNetwork 1\nFetchDirInfoEarly 1\nFetchDirInfoExtraEarly 1\n"
             if node.role == "hs":
                 text += "SocksPort 0\n"
