@@ -304,6 +304,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0,
                         help="delay added per relay hop, each direction (torroute.testing"
                              ".latency proxies in front of every ORPort)")
+    parser.add_argument("--lmtp-concurrency", type=int, nargs="+", default=[], metavar="N",
+                        help="also run the LMTP relay with torroute-lmtp_destination_concurrency"
+                             "_limit and _initial_destination_concurrency = N (one variant each)")
     parser.add_argument("--relay-prototype", nargs="+", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.relay_prototype:
@@ -377,6 +380,10 @@ def main() -> None:
                                     "-m torroute.cli.deliver"),
             Variant("torroute lmtp", f"socketmap:unix:{sock_lmtp}:transport", lmtp_service,
                     main_extra=shipped_lmtp),
+            *[Variant(f"torroute lmtp c{n}", f"socketmap:unix:{sock_lmtp}:transport",
+                      lmtp_service,
+                      main_extra="".join(f"{k} = {n}\n" for k in LMTP_PARAMETERS))
+              for n in opts.lmtp_concurrency],
             Variant("lmtp (postfix dflt)", f"socketmap:unix:{sock_lmtp}:transport",
                     lmtp_service),
             Variant("relay prototype (lmtp)", f"inline:{{{DOMAIN}=lmtp:unix:{relay_sock}}}"),
@@ -475,7 +482,8 @@ def main() -> None:
     med = {name: statistics.median(rates) for name, rates in by.items()}
     tuned = "torsocks (no cache)"
     print()
-    for name in ("torroute lmtp", "lmtp (postfix dflt)", "torroute", "torroute (fast path)",
+    for name in ("torroute lmtp", *(f"torroute lmtp c{n}" for n in opts.lmtp_concurrency),
+                 "lmtp (postfix dflt)", "torroute", "torroute (fast path)",
                  "torsocks (published)"):
         if name not in med:
             continue
