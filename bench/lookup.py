@@ -525,6 +525,12 @@ def report(results: dict, n_static: int, n_srv: int, n_new: int, n_cold: int,
     print(f"daemon time per static lookup above that floor (p50): onionrouter "
           f"{o_cost * us:.1f} us, torroute {t_cost * us:.1f} us "
           f"({o_cost / t_cost if t_cost > 0 else float('inf'):.2f}x)")
+    # what any daemon could reach end to end with this client: the floor stays in both
+    floor_p50 = f["static"]["p50"]
+    srv_cost = t["srv"]["p50"] - floor_p50
+    print(f"end-to-end p50 ratio a daemon taking no time could reach with this client: static "
+          f"{o['static']['p50'] / floor_p50:.2f}x, SRV repeats {o['srv']['p50'] / floor_p50:.2f}x"
+          f" (torroute above the floor: SRV repeat {srv_cost * us:.1f} us)")
 
 
 if __name__ == "__main__":
