@@ -400,7 +400,9 @@ class PrivateNetwork:
             self.start_keeper(follow=os.getpid())
         for attempt in (1, 2):
             try:
-                self._prepare()
+                # the retry's state file is our own first attempt's: its tors were just stopped
+                # (one still exiting under load would make the check refuse our own directory)
+                self._prepare(check=attempt == 1)
                 self._start_all()
                 self._stage(deadline)
                 self._wait_ready(deadline)
@@ -432,8 +434,9 @@ class PrivateNetwork:
                 raise TestnetError(f"{self.directory}: a network is already running there "
                                    f"(torroute testnet down --dir {self.directory})")
 
-    def _prepare(self) -> None:
-        self.check_directory()
+    def _prepare(self, check: bool = True) -> None:
+        if check:
+            self.check_directory()
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / "resolv.conf").write_text("nameserver 127.0.0.1\n")
         (self.directory / "torrc-defaults").write_text("")  # never /etc/tor/torrc-defaults
