@@ -11,12 +11,20 @@ onion may ever arrive there.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 
 import pytest
 from support.daemon import wait_socket
-from support.e2e import Setup, extra_socks_port, headers, message, start_chain
+from support.e2e import (
+    Setup,
+    extra_socks_port,
+    headers,
+    lmtp_destination,
+    message,
+    start_chain,
+)
 
 from torroute.testing.ports import free_port
 
@@ -60,7 +68,10 @@ def test_delivery_headers_intact_and_connection_reused(setup: Setup) -> None:
     # one SMTP session through tor carried all three (RSET between), EHLO name not leaked
     assert setup.mx.sink.ehlo_names == ["localhost"], setup.daemon.log()[-3000:]
     log = setup.postfix.log()
-    assert log.count(f"[{setup.lmtp_sock}], ") == 3 and log.count("status=sent") == 3
+    # Postfix saw the onion's own destination: a link to the daemon's one socket
+    link = lmtp_destination(setup.lmtp_sock, setup.mx.onion)
+    assert os.readlink(link) == str(setup.lmtp_sock)
+    assert log.count(f"[{link}], ") == 3 and log.count("status=sent") == 3
     assert log.count("said: 250 2.0.0 stored (in reply to BDAT)") == 3
     assert setup.postfix.queue() == [] and setup.clear.messages == []
     assert setup.daemon.wait_log("lmtp rcpt=", count=3)
@@ -163,7 +174,8 @@ def test_lmtp_sessions_are_reused_under_a_backlog(setup: Setup) -> None:
     lmtp = [ln for ln in setup.postfix.log().splitlines()
             if "postfix/torroute-lmtp/lmtp[" in ln or "postfix/lmtp[" in ln]
     sent = [ln for ln in lmtp if "status=sent" in ln]
-    assert len(sent) == count and all(f"[{setup.lmtp_sock}]," in ln for ln in sent)
+    link = lmtp_destination(setup.lmtp_sock, setup.mx.onion)
+    assert len(sent) == count and all(f"[{link}]," in ln for ln in sent)
     uses = [int(m.group(1)) for ln in sent if (m := re.search(r", conn_use=(\d+),", ln))]
     print(f"lmtp deliveries: {len(sent)}, over a reused connection: {len(uses)}, "
           f"conn_use max {max(uses, default=1)}")

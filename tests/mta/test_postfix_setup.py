@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.daemon import wait_socket
-from support.e2e import OnionMX, message, write_config
+from support.e2e import OnionMX, lmtp_destination, message, write_config
 from support.pipe import TORROUTE
 from support.postfix import MASTER_CF, PostfixInstance
 
@@ -263,7 +263,8 @@ def run_e2e(onion_mx: OnionMX, testnet, dnsmasq_factory, daemon_factory, serve_d
         assert clear_sink.messages == []
         log = pf.log()
         assert "site-table-must-not-win" not in log
-        via = f"[{serve_dir / 'lmtp.sock'}]" if lmtp else "relay=torroute"
+        via = (f"[{lmtp_destination(serve_dir / 'lmtp.sock', onion_mx.onion)}]" if lmtp
+               else "relay=torroute")
         assert via in log and ("postfix/lmtp[" in log) == lmtp
         assert log.count("status=sent") == 1
         assert not [ln for ln in log.splitlines()

@@ -113,6 +113,12 @@ class Setup:
         self.postfix.submit(sender, rcpts, data, **kw)
 
 
+def lmtp_destination(sock: Path, onion: str) -> Path:
+    """The per-onion Postfix destination the daemon answers for ``onion``: a link to ``sock``
+    (torroute.daemon.lmtp_links)."""
+    return sock.parent / f"{sock.stem}.d" / onion.removesuffix(".onion")
+
+
 def start_lmtp_postfix(cfg: Path, serve_dir: Path, daemon_factory: Callable,
                        postfix_factory: Callable) -> tuple[object, PostfixInstance, Path]:
     """`torroute serve --lmtp` with ``cfg``, and a Postfix whose transport is its socketmap and

@@ -87,8 +87,8 @@ def test_lmtp_plan_is_the_shipped_entry_and_no_recipient_limit() -> None:
     assert changes == {"torroute-lmtp/unix": "torroute-lmtp unix - - n - - lmtp",
                        "transport_maps": TABLE,
                        # no slow start towards our own daemon (it caps each onion itself)
-                       "torroute-lmtp_destination_concurrency_limit": "100",
-                       "torroute-lmtp_initial_destination_concurrency": "100"}
+                       "torroute-lmtp_destination_concurrency_limit": "48",
+                       "torroute-lmtp_initial_destination_concurrency": "48"}
 
 
 def test_deliver_config_and_socket_options() -> None:

@@ -74,6 +74,11 @@ class PostfixAnswers(Answers):
             s = self.daemon.settings
             lmtp = s.lmtp_answer
             if lmtp is not None:  # validated at start-up; the relay routes each recipient
+                service = self.daemon.lmtp
+                links = service.links if service is not None else None
+                link = links.path(decision.onion) if links is not None else None
+                if link is not None:  # the same socket, a Postfix destination of its own
+                    lmtp = f"{s.lmtp_transport}:unix:{link}"
                 reply = self.found_raw(lmtp.encode("ascii"))
             else:
                 try:

@@ -18,6 +18,7 @@ from ..protocols import lmtp, sanitize_reason
 if TYPE_CHECKING:
     from ..config import Config
     from ..delivery.settings import DeliverSettings
+    from .lmtp_links import OnionLinks
     from .service import LookupDaemon
 
 log = logging.getLogger(__package__)  # one logger for all the daemon's lines: torroute.daemon
@@ -42,6 +43,8 @@ class LmtpService:
                            max_per_onion=s.lmtp_max_per_onion,
                            max_waiting_per_onion=s.lmtp_max_waiting_per_onion)
         self.tasks: set[asyncio.Task] = set()  # relays in flight, one per busy session
+        #: per-onion Postfix destinations (made once the unix listener is bound), or None
+        self.links: OnionLinks | None = None
 
     @staticmethod
     def check(config: Config) -> DeliverSettings:

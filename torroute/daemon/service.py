@@ -166,6 +166,12 @@ class LookupDaemon:
                             return LookupConnection(self, proto)
 
                     await self.listen(kind, ep, factory)
+                    # the links of the listener lmtp_answer names (the first one)
+                    if kind == "lmtp" and ep is endpoints[0] and ep.family == "unix" \
+                            and self.lmtp is not None and self.settings.lmtp_per_onion:
+                        from .lmtp_links import OnionLinks
+
+                        self.lmtp.links = OnionLinks(ep.path).prepare()
             for make in side_services():
                 service = make(self)
                 if service is not None:

@@ -55,6 +55,7 @@ SERVE = Section("serve", {
     "lmtp_session_idle_timeout": float,
     "lmtp_max_per_onion": int,
     "lmtp_max_waiting_per_onion": int,
+    "lmtp_per_onion": boolean,
     # operating (docs/operating.rst): status socket, metrics, canaries, self-healing
     "status_socket": lambda value: Endpoint.parse(value) if value else None,
     "metrics": lambda value: Endpoint.parse(value) if value else None,
@@ -109,6 +110,9 @@ class ServeSettings:
     # the sum of Postfix's lmtp agents)
     lmtp_max_per_onion: int = 48
     lmtp_max_waiting_per_onion: int = 16
+    # one Postfix destination per onion (a symlink per onion to the unix LMTP socket, see
+    # daemon/lmtp_links.py): Postfix's per-destination concurrency then applies per onion
+    lmtp_per_onion: bool = True
     # operating (docs/operating.rst)
     status_socket: Endpoint | None = None  # where `torroute status` asks the running daemon
     metrics: Endpoint | None = None  # Prometheus /metrics over HTTP

@@ -41,13 +41,13 @@ PIPE_SERVICE = "torroute/unix"
 LMTP_SERVICE = "torroute-lmtp/unix"
 RECIPIENT_LIMIT = "torroute_destination_recipient_limit"
 #: LMTP mode's main.cf settings for its transport (docs/postfix.rst, "Throughput and
-#: fairness"): every onion shares the one LMTP nexthop -- our own daemon, not a remote site --
-#: so Postfix's per-destination slow start (5 agents, +1 per 5..20 deliveries) and limit (20)
-#: would hold all onion mail back together; the relay caps each onion itself
-#: (lmtp_max_per_onion + lmtp_max_waiting_per_onion = 64 of these 100 agents at most; 100 is
-#: master.cf's default process limit for the service)
-LMTP_PARAMETERS = {"torroute-lmtp_destination_concurrency_limit": "100",
-                   "torroute-lmtp_initial_destination_concurrency": "100"}
+#: fairness"): the daemon answers each onion its own nexthop (a link to its one socket,
+#: daemon/lmtp_links.py), so these apply per onion: no slow start (the destination is our own
+#: daemon), and at most lmtp_max_per_onion (48) agents for one onion -- never more than the
+#: relay's per-onion gate takes, so a burst is queued by Postfix, not answered "busy", and a
+#: slow onion leaves the other agents of the service's process limit (100) to the others
+LMTP_PARAMETERS = {"torroute-lmtp_destination_concurrency_limit": "48",
+                   "torroute-lmtp_initial_destination_concurrency": "48"}
 #: parameters that decide the clear-net route of a domain torroute does not know: never touched
 CLEAR_NET_PARAMETERS = ("default_transport", "relayhost", "relay_transport", "sender_dependent_"
                         "default_transport_maps", "sender_dependent_relayhost_maps",
