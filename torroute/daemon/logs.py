@@ -67,7 +67,8 @@ class DeferredFlushHandler(logging.StreamHandler):
 
         def line(message: str) -> None:
             write(prefix + message + suffix)
-            self.flush()
+            if not self._pending:  # flush() asks for the running loop: a getpid(2) each time
+                self.flush()
 
         return line
 

@@ -1,10 +1,12 @@
 """One lookup connection (socketmap, tcp_table or Exim's line protocol) of the daemon.
 
 Answers that need no I/O (pins, local domains, cached SRV decisions: ``Router.decide_now``) are
-written straight from ``data_received``; anything that needs DNS or tor goes to one small task
-per connection, which keeps answers in request order.  Concurrent lookups of one domain share
-a single DNS query (``Router.aroute``).  A failure of a lookup answers TEMP, never closes the
-connection (Postfix keeps map connections open for a long time).
+written straight from ``data_received``; one plain request of a pinned or local domain does not
+even go through the parser (``quick_domain`` + ``Router.decide_static_wire``: the part after
+the key's last ``@``, still as wire bytes, is the memo key).  Anything that needs DNS or tor
+goes to one small task per connection, which keeps answers in request order.  Concurrent
+lookups of one domain share a single DNS query (``Router.aroute``).  A failure of a lookup
+answers TEMP, never closes the connection (Postfix keeps map connections open for a long time).
 """
 
 from __future__ import annotations
@@ -79,6 +81,23 @@ class LookupConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if not self.backlog:  # the quick path: one plain request of a pinned or local domain
+            domain = self.parser.quick_domain(data)
+            if domain is not None:
+                started = time.perf_counter()
+                decision = self.daemon.router.decide_static_wire(domain)
+                if decision is not None:
+                    try:
+                        reply = self.proto.answer_now(decision)
+                    except Exception:  # the slow path turns any failure into a temp answer
+                        reply = None
+                    if reply is not None:
+                        self.transport.write(reply)
+                        self.counts[decision.kind] += 1
+                        if self.daemon.log_decisions:
+                            self.daemon.log_decision(self.proto.name, None, decision, started,
+                                                     "")
+                        return
         self._handle(self.parser.feed(data))
 
     def eof_received(self) -> bool:

@@ -115,7 +115,7 @@ class LookupDaemon:
         (:meth:`LookupConnection._handle` inlines this)."""
         return WILDCARD_PROBE if key == "*" else self.router.decide_now(key)
 
-    def log_decision(self, proto: str, ev: Lookup, decision: Decision, started: float,
+    def log_decision(self, proto: str, ev: Lookup | None, decision: Decision, started: float,
                      note: str) -> None:
         ms = (time.perf_counter() - started) * 1000
         key = (proto, id(decision))

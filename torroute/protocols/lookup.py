@@ -141,6 +141,13 @@ class LineParser:
     def _too_long(self) -> Event:
         raise NotImplementedError
 
+    def quick_domain(self, data: bytes) -> bytes | None:
+        """The daemon's quick path: if ``data`` is exactly one complete, plain request and
+        nothing is buffered, the bytes after its key's last ``@`` (or the whole key), which
+        :meth:`feed` would then return as one :class:`Lookup` of that key; else None (then
+        :meth:`feed` decides).  Never consumes anything.  Line protocols without one: None."""
+        return None
+
     def feed(self, data: bytes) -> list[Event]:
         """Add bytes; one event per complete line (an oversized line: one error)."""
         buf = self._buf + data if self._buf else data

@@ -139,6 +139,17 @@ class TcpTableParser(LineParser):
     def _too_long(self) -> Event:
         return Malformed(temp("request too long"), False, "too long")
 
+    def quick_domain(self, data: bytes) -> bytes | None:
+        """See :meth:`LineParser.quick_domain`: one ``get key`` line, the key without %XX
+        escapes, spaces or CR, within the request limit."""
+        if (self._buf or self._discarding or not data.startswith(b"get ")
+                or data.find(b"\n") != len(data) - 1 or len(data) > self._max + 1):
+            return None
+        key = data[4:-1]
+        if not key or b"%" in key or b" " in key or b"\r" in key:
+            return None
+        return key[key.rfind(b"@") + 1 :]
+
     def eof(self) -> list[Event]:
         """The peer closed: Postfix always ends its lines, so a partial line is dropped."""
         self._buf = b""

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 import time
 from collections import OrderedDict
@@ -294,6 +295,10 @@ class SrvLookup:
             self.asked += 1
 
 
+#: What :meth:`Router.decide_static_wire` takes as a plain host name: nothing that
+#: :func:`destination_domain` would strip, split at or leave as an address literal
+_PLAIN_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,299}")
+
 #: Bound of the router's memo of static decisions (domain -> decision or DNS name) in bytes of
 #: key + value (:class:`~torroute.routing.memo.ByteMemo`); cleared when full and on every
 #: change of configuration or pins.
@@ -388,6 +393,27 @@ class Router:
             return memo  # type: ignore[return-value]
         hit = self.cache.get(memo)  # type: ignore[arg-type]
         return None if hit is None else hit[0]
+
+    def decide_static_wire(self, domain: bytes) -> Decision | None:
+        """:meth:`decide_now`'s static half for a destination still in wire bytes, the part
+        of a lookup key after its last ``@`` (the daemon's quick path, which so skips
+        decoding, parsing and lowercasing): the decision if it needs no DNS, else None.
+
+        None too unless ``domain`` is a plain host name (letters, digits, ``.-_``), because
+        only for those is the decision of ``user@<domain>`` the decision of ``<domain>``;
+        :meth:`decide_now` decides everything else.  The bytes share the static memo (bytes
+        keys never equal str keys), so they are dropped with it on every change.
+        """
+        memo = self._static.get(domain)
+        if memo is None:
+            if _PLAIN_NAME.fullmatch(domain) is None:
+                return None
+            text = destination_domain(domain.decode("ascii"))
+            memo = self._static.get(text)
+            if memo is None:
+                memo = self._remember(text)
+            self._static.put(domain, memo, len(domain), _memo_size(memo))
+        return None if memo.__class__ is str else memo  # type: ignore[return-value]
 
     def _remember(self, domain: str) -> Decision | str:
         """Memoise ``domain``'s static decision, or the name DNS is asked for."""
