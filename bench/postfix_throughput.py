@@ -307,6 +307,8 @@ def main() -> None:
     parser.add_argument("--lmtp-concurrency", type=int, nargs="+", default=[], metavar="N",
                         help="also run the LMTP relay with torroute-lmtp_destination_concurrency"
                              "_limit and _initial_destination_concurrency = N (one variant each)")
+    parser.add_argument("--profile-lmtp", metavar="FILE",
+                        help="run the LMTP variants' daemon under cProfile, into FILE.<variant>")
     parser.add_argument("--relay-prototype", nargs="+", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.relay_prototype:
@@ -342,8 +344,10 @@ def main() -> None:
         def start_lmtp(tag: str) -> subprocess.Popen:
             for path in (sock_lmtp, lmtp_sock):
                 path.unlink(missing_ok=True)
+            prof = ["-m", "cProfile", "-o", f"{opts.profile_lmtp}.{tag}"] \
+                if opts.profile_lmtp else []
             proc = subprocess.Popen(
-                [sys.executable, "-m", "torroute.cli", "serve", "--config", str(conf),
+                [sys.executable, *prof, "-m", "torroute.cli", "serve", "--config", str(conf),
                  "--socketmap", f"unix:{sock_lmtp}", "--lmtp", f"unix:{lmtp_sock}",
                  "--socket-group", "postfix"],
                 stdout=open(root / f"serve-lmtp-{tag}.log", "w"), stderr=subprocess.STDOUT,

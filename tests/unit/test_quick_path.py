@@ -1,10 +1,11 @@
-"""The daemon's quick path: one plain lookup of a pinned or local domain skips the parser.
+"""The daemon's quick path: one plain lookup decided without I/O skips the parser.
 
 ``quick_domain`` (tcp_table, socketmap) must only ever answer for input that ``feed`` would
 parse as exactly one Lookup of a key ending in that domain part, and
-``Router.decide_static_wire`` must only ever give the decision ``decide_now`` gives for such a
-key.  Both are checked against the full path on generated, mutated and arbitrary input; then a
-real daemon on loopback answers the same bytes, counts and log lines either way.
+``Router.decide_now_wire`` must only ever give the decision ``decide_now`` gives for such a
+key (static or cached).  Both are checked against the full path on generated, mutated and
+arbitrary input; then a real daemon on loopback answers the same bytes, counts and log lines
+either way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torroute.daemon.service import LookupDaemon
 from torroute.daemon.settings import ServeSettings
 from torroute.endpoint import Endpoint
 from torroute.protocols import Lookup, socketmap, tcptable
+from torroute.routing.decisions import Route
 from torroute.routing.router import Router
 from torroute.testing.ports import free_port
 
@@ -29,7 +31,8 @@ PLAIN = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 # domain parts that exercise every branch of destination_domain and decide_static
 DOMAINS = ["pinned.test", "PINNED.test", "pinned.test.", "sub.wild.test", "local.test",
-           "ignored.test", "unknown.test", ONION_A, ONION_A.upper(), "x" * 56 + ".onion",
+           "ignored.test", "unknown.test", "srv.test", "SRV.test.", ONION_A, ONION_A.upper(),
+           "x" * 56 + ".onion",
            "[127.0.0.1]", " pinned.test", "pinned.test ", "\x1fpinned.test", "pin ned.test",
            "pinned.test\u0085", "", "*", ".", "-a.test", "a..test", "é.test", "a" * 260]
 users = st.text(max_size=12)
@@ -107,9 +110,11 @@ def make_router(tmp_path: Path, onion: str = ONION_A) -> Router:
     map_yml.write_text(f"---\n{onion}:\n  - pinned.test\n  - sub.wild.test\n")
     bad = tmp_path / "bad.yml"
     bad.write_text("---\nnot-an-onion.onion:\n  - badpin.test\n")
-    return Router.from_config(Config(maps=[map_yml, bad], nameservers=[("127.0.0.1", 1)],
-                                     local_domains=["local.test"],
-                                     ignore_domains=["ignored.test"]))
+    router = Router.from_config(Config(maps=[map_yml, bad], nameservers=[("127.0.0.1", 1)],
+                                       local_domains=["local.test"],
+                                       ignore_domains=["ignored.test"]))
+    router.cache.put("srv.test", Route("srv.test", ONION_B, 2525, "srv"), 3600)  # as DNS gave
+    return router
 
 
 ROUTERS: dict[str, Router] = {}
@@ -117,13 +122,13 @@ ROUTERS: dict[str, Router] = {}
 
 @settings(max_examples=600, deadline=None)
 @given(keys)
-def test_decide_static_wire_agrees_with_decide_now(tmp_path_factory, key: str) -> None:
+def test_decide_now_wire_agrees_with_decide_now(tmp_path_factory, key: str) -> None:
     if "r" not in ROUTERS:
         ROUTERS["r"] = make_router(tmp_path_factory.mktemp("maps"))
     router = ROUTERS["r"]
     raw = key.encode("utf-8", "surrogatepass")
     domain = raw[raw.rfind(b"@") + 1 :]
-    quick = router.decide_static_wire(domain)
+    quick = router.decide_now_wire(domain)
     if quick is not None:
         assert PLAIN.fullmatch(domain)
         assert quick == router.decide_now(key)
@@ -131,19 +136,22 @@ def test_decide_static_wire_agrees_with_decide_now(tmp_path_factory, key: str) -
         assert router.decide_now(key) is None
 
 
-def test_decide_static_wire_answers_pins_and_forgets_them_with_the_pins(tmp_path: Path) -> None:
+def test_decide_now_wire_answers_pins_and_forgets_them_with_the_pins(tmp_path: Path) -> None:
     router = make_router(tmp_path)
-    route = router.decide_static_wire(b"PINNED.test.")
+    route = router.decide_now_wire(b"PINNED.test.")
     assert route is not None and route.onion == ONION_A
-    assert router.decide_static_wire(b"sub.wild.test").onion == ONION_A
-    assert router.decide_static_wire(b"local.test").kind == "noroute"
-    assert router.decide_static_wire(b"badpin.test").kind == "tempfail"  # never SRV
-    assert router.decide_static_wire(b"unknown.test") is None  # DNS decides
-    assert router.decide_static_wire(b"unknown.test") is None  # ... every time
+    assert router.decide_now_wire(b"sub.wild.test").onion == ONION_A
+    assert router.decide_now_wire(b"local.test").kind == "noroute"
+    assert router.decide_now_wire(b"badpin.test").kind == "tempfail"  # never SRV
+    assert router.decide_now_wire(b"unknown.test") is None  # DNS decides
+    assert router.decide_now_wire(b"unknown.test") is None  # ... every time
+    assert router.decide_now_wire(b"SRV.test.").port == 2525  # a cached SRV decision
+    router.cache.clear()  # expired or dropped: DNS decides again
+    assert router.decide_now_wire(b"srv.test") is None
     router.reload(make_router(tmp_path / "b", ONION_B).config)
-    assert router.decide_static_wire(b"PINNED.test.").onion == ONION_B
+    assert router.decide_now_wire(b"PINNED.test.").onion == ONION_B
     router.pins = make_router(tmp_path, ONION_A).pins
-    assert router.decide_static_wire(b"pinned.test").onion == ONION_A
+    assert router.decide_now_wire(b"pinned.test").onion == ONION_A
 
 
 def test_daemon_answers_the_same_through_either_path(tmp_path: Path, daemon_records) -> None:
@@ -159,7 +167,7 @@ def test_daemon_answers_the_same_through_either_path(tmp_path: Path, daemon_reco
                           reload_config=lambda: make_router(tmp_path / "b", ONION_B).config)
     keys_ = ["u1@pinned.test", "u2@PINNED.test", "pinned.test", "u3@sub.wild.test",
              "u4@local.test", f"u5@{ONION_A}", "u6@badpin.test", "*", "u%7@pinned.test",
-             "u 8@pinned.test"]
+             "u 8@pinned.test", "u9@srv.test"]
     tcp = [tcptable.encode_get(k) for k in keys_]
     smap = [socketmap.encode_request("transport", k) for k in keys_]
 
@@ -207,14 +215,15 @@ def test_daemon_answers_the_same_through_either_path(tmp_path: Path, daemon_reco
     assert first[1] == first[2] == first[3] == first[0]
     assert first[4].startswith(b"500 ") and first[7].startswith(b"500 ")
     assert first[6].startswith(b"400 ")  # the broken pin defers, never SRV
+    assert first[10] == f"200 torroute:[{ONION_B}]:2525\n".encode()  # the cached SRV answer
     assert out["tcp", "reloaded"] == [f"200 torroute:[{ONION_B}]:25\n".encode()]
     assert out["smap", "reloaded"][0].endswith(f"OK torroute:[{ONION_B}]:25,".encode())
-    # 3 rounds of 10 keys per protocol (7 routes, 5 of them to pinned.test), one after the
+    # 3 rounds of 11 keys per protocol (8 routes, 5 of them to pinned.test), one after the
     # reload
     lines = [r.getMessage() for r in daemon_records.records if "decision proto=" in
              r.getMessage()]
     tcp_lines = [m for m in lines if "proto=tcp_table" in m]
     assert len([m for m in tcp_lines if "domain=pinned.test result=route" in m]) == 3 * 5 + 1
     counts = daemon.lookups["tcp_table"]
-    assert counts["route"] == 3 * 7 + 1 and counts["tempfail"] == 3
+    assert counts["route"] == 3 * 8 + 1 and counts["tempfail"] == 3
     assert daemon.lookups["socketmap"]["route"] == counts["route"]

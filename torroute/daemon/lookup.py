@@ -1,9 +1,9 @@
 """One lookup connection (socketmap, tcp_table or Exim's line protocol) of the daemon.
 
 Answers that need no I/O (pins, local domains, cached SRV decisions: ``Router.decide_now``) are
-written straight from ``data_received``; one plain request of a pinned or local domain does not
-even go through the parser (``quick_domain`` + ``Router.decide_static_wire``: the part after
-the key's last ``@``, still as wire bytes, is the memo key).  Anything that needs DNS or tor
+written straight from ``data_received``; one plain request of such a domain does not even go
+through the parser (``quick_domain`` + ``Router.decide_now_wire``: the part after the key's
+last ``@``, still as wire bytes, is the memo key).  Anything that needs DNS or tor
 goes to one small task per connection, which keeps answers in request order.  Concurrent
 lookups of one domain share a single DNS query (``Router.aroute``).  A failure of a lookup
 answers TEMP, never closes the connection (Postfix keeps map connections open for a long time).
@@ -81,11 +81,11 @@ class LookupConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if not self.backlog:  # the quick path: one plain request of a pinned or local domain
+        if not self.backlog:  # the quick path: one plain request, decided without I/O
             domain = self.parser.quick_domain(data)
             if domain is not None:
                 started = time.perf_counter()
-                decision = self.daemon.router.decide_static_wire(domain)
+                decision = self.daemon.router.decide_now_wire(domain)
                 if decision is not None:
                     try:
                         reply = self.proto.answer_now(decision)

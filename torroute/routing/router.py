@@ -295,7 +295,7 @@ class SrvLookup:
             self.asked += 1
 
 
-#: What :meth:`Router.decide_static_wire` takes as a plain host name: nothing that
+#: What :meth:`Router.decide_now_wire` takes as a plain host name: nothing that
 #: :func:`destination_domain` would strip, split at or leave as an address literal
 _PLAIN_NAME = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._-]{0,299}")
 
@@ -394,10 +394,10 @@ class Router:
         hit = self.cache.get(memo)  # type: ignore[arg-type]
         return None if hit is None else hit[0]
 
-    def decide_static_wire(self, domain: bytes) -> Decision | None:
-        """:meth:`decide_now`'s static half for a destination still in wire bytes, the part
-        of a lookup key after its last ``@`` (the daemon's quick path, which so skips
-        decoding, parsing and lowercasing): the decision if it needs no DNS, else None.
+    def decide_now_wire(self, domain: bytes) -> Decision | None:
+        """:meth:`decide_now` for a destination still in wire bytes, the part of a lookup key
+        after its last ``@`` (the daemon's quick path, which so skips decoding, parsing and
+        lowercasing): the static or cached decision, else None.
 
         None too unless ``domain`` is a plain host name (letters, digits, ``.-_``), because
         only for those is the decision of ``user@<domain>`` the decision of ``<domain>``;
@@ -413,7 +413,10 @@ class Router:
             if memo is None:
                 memo = self._remember(text)
             self._static.put(domain, memo, len(domain), _memo_size(memo))
-        return None if memo.__class__ is str else memo  # type: ignore[return-value]
+        if memo.__class__ is not str:
+            return memo  # type: ignore[return-value]
+        hit = self.cache.get(memo)  # type: ignore[arg-type]
+        return None if hit is None else hit[0]
 
     def _remember(self, domain: str) -> Decision | str:
         """Memoise ``domain``'s static decision, or the name DNS is asked for."""
