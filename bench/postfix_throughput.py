@@ -44,6 +44,7 @@ from torroute.testing.sink import MaildirSink as SmtpSink  # noqa: E402
 from torroute.testing.testnet import PrivateNetwork  # noqa: E402
 
 DOMAIN = "bench.test"
+LMTP_LIMIT = "torroute-lmtp_destination_concurrency_limit"  # Postfix's agents per onion
 MESSAGE_ID = re.compile(rb"^Message-ID: <([^>]+)>", re.M | re.I)
 
 
@@ -59,8 +60,9 @@ class Variant:
     def __init__(self, name: str, transport_maps: str, master_extra: str = "",
                  wrappers: dict[str, str] | None = None, deliver_config: str = "",
                  deliver_command: str = f"{TORROUTE} deliver",
-                 main_extra: str = "") -> None:
+                 main_extra: str = "", serve_extra: str = "") -> None:
         self.name = name
+        self.serve_extra = serve_extra  # [serve] settings of the LMTP variants' daemon
         self.deliver_command = deliver_command
         self.main_extra = main_extra
         self.transport_maps = transport_maps
@@ -307,6 +309,10 @@ def main() -> None:
     parser.add_argument("--lmtp-concurrency", type=int, nargs="+", default=[], metavar="N",
                         help="also run the LMTP relay with torroute-lmtp_destination_concurrency"
                              "_limit and _initial_destination_concurrency = N (one variant each)")
+    parser.add_argument("--relay-cap", type=int, nargs="+", default=[], metavar="N",
+                        help="also run the LMTP relay with [serve] lmtp_max_per_onion = N (MX "
+                             "connections per onion; Postfix's agents beyond them queue in the "
+                             "relay), one variant each")
     parser.add_argument("--profile-lmtp", metavar="FILE",
                         help="run the LMTP variants' daemon under cProfile, into FILE.<variant>")
     parser.add_argument("--relay-prototype", nargs="+", help=argparse.SUPPRESS)
@@ -341,14 +347,20 @@ def main() -> None:
         wait_socket(sock, serve)
         sock_lmtp, lmtp_sock = root / "socketmap-lmtp.sock", root / "lmtp.sock"
 
-        def start_lmtp(tag: str) -> subprocess.Popen:
+        def start_lmtp(tag: str, serve_extra: str = "") -> subprocess.Popen:
             for path in (sock_lmtp, lmtp_sock):
                 path.unlink(missing_ok=True)
+            lmtp_conf = conf
+            if serve_extra:
+                lmtp_conf = root / f"torroute-{tag}.toml"
+                lmtp_conf.write_text(f"{conf.read_text()}\n[serve]\n{serve_extra}")
+                lmtp_conf.chmod(0o644)
             prof = ["-m", "cProfile", "-o", f"{opts.profile_lmtp}.{tag}"] \
                 if opts.profile_lmtp else []
             proc = subprocess.Popen(
-                [sys.executable, *prof, "-m", "torroute.cli", "serve", "--config", str(conf),
-                 "--socketmap", f"unix:{sock_lmtp}", "--lmtp", f"unix:{lmtp_sock}",
+                [sys.executable, *prof, "-m", "torroute.cli", "serve", "--config",
+                 str(lmtp_conf), "--socketmap", f"unix:{sock_lmtp}", "--lmtp",
+                 f"unix:{lmtp_sock}",
                  "--socket-group", "postfix"],
                 stdout=open(root / f"serve-lmtp-{tag}.log", "w"), stderr=subprocess.STDOUT,
                 cwd=REPO)
@@ -388,6 +400,11 @@ def main() -> None:
                       lmtp_service,
                       main_extra="".join(f"{k} = {n}\n" for k in LMTP_PARAMETERS))
               for n in opts.lmtp_concurrency],
+            *[Variant(f"torroute lmtp cap{n}", f"socketmap:unix:{sock_lmtp}:transport",
+                      lmtp_service, main_extra=shipped_lmtp,
+                      serve_extra=f"lmtp_max_per_onion = {n}\nlmtp_max_waiting_per_onion = "
+                                  f"{max(64, 2 * int(LMTP_PARAMETERS[LMTP_LIMIT]))}\n")
+              for n in opts.relay_cap],
             Variant("lmtp (postfix dflt)", f"socketmap:unix:{sock_lmtp}:transport",
                     lmtp_service),
             Variant("relay prototype (lmtp)", f"inline:{{{DOMAIN}=lmtp:unix:{relay_sock}}}"),
@@ -409,7 +426,7 @@ def main() -> None:
                 print(f"running {variant.name} (round {r + 1})", file=sys.stderr)
                 groups = dict(tors)
                 if "lmtp" in variant.name and "prototype" not in variant.name:
-                    serve_lmtp = start_lmtp(tag)
+                    serve_lmtp = start_lmtp(tag, variant.serve_extra)
                     groups["torroute"] = lambda p=serve_lmtp.pid: [p]
                 elif variant.name.startswith("torroute"):
                     groups["torroute"] = lambda: [serve.pid]  # + deliver: in postfix (pipe)
@@ -487,6 +504,7 @@ def main() -> None:
     tuned = "torsocks (no cache)"
     print()
     for name in ("torroute lmtp", *(f"torroute lmtp c{n}" for n in opts.lmtp_concurrency),
+                 *(f"torroute lmtp cap{n}" for n in opts.relay_cap),
                  "lmtp (postfix dflt)", "torroute", "torroute (fast path)",
                  "torsocks (published)"):
         if name not in med:
