@@ -330,7 +330,8 @@ def main() -> None:
                              "connections per onion; Postfix's agents beyond them queue in the "
                              "relay), one variant each")
     parser.add_argument("--profile-lmtp", metavar="FILE",
-                        help="run the LMTP variants' daemon under cProfile, into FILE.<variant>")
+                        help="run the LMTP variants' daemon under cProfile timed by CPU, into "
+                             "FILE.<round and variant tag>")
     parser.add_argument("--relay-prototype", nargs="+", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.relay_prototype:

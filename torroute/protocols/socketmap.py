@@ -155,21 +155,18 @@ class SocketmapParser:
         (``<len>:<name> <key>,``) and nothing is buffered, the bytes after its key's last
         ``@`` (or the whole key), which :meth:`feed` would then return as one :class:`Lookup`
         of that key; else None (then :meth:`feed` decides).  Never consumes anything."""
-        if self._buf or self._dead or data[-1:] != b",":
+        if self._buf or self._dead:
             return None
-        colon = data.find(b":", 0, 12)
-        digits = data[:colon]
-        if colon <= 0 or not digits.isdigit() or (colon > 1 and data[:1] == b"0"):
+        try:
+            split = decode_netstring(data, self._max)
+        except NetstringError:
             return None
-        length = int(digits)
-        if length > self._max or colon + 2 + length != len(data):
+        if split is None or split[1]:  # incomplete, or more than one request
             return None
-        payload = data[colon + 1 : -1]
-        space = payload.find(b" ")
-        if (space <= 0 or space == length - 1 or b"\x00" in payload or b"\n" in payload
-                or b"\r" in payload):
+        payload = split[0]
+        name, _, key = payload.partition(b" ")  # the checks of _request, as a yes/no
+        if not name or not key or b"\x00" in payload or b"\n" in payload or b"\r" in payload:
             return None
-        key = payload[space + 1 :]
         return key[key.rfind(b"@") + 1 :]
 
     def eof(self) -> list[Event]:
